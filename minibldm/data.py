@@ -1,0 +1,457 @@
+"""Reading a defect category and making AdaBLDM's training data from it.
+
+AdaBLDM (arXiv 2402.19330; docs/ADABLDM.md): many good images of one object or texture, a few
+(k = 10 per type) defect images with binary masks, and training pairs made on the fly by crop
+and paste inside the foreground ("Training the trimap branch").
+
+Layouts read by `read_category`:
+
+  MVTec AD   root/train/good/*             good images
+             root/test/good/*              held-out good images (not used for training)
+             root/test/<defect>/<stem>.*   defect images
+             root/ground_truth/<defect>/<stem>_mask.png
+  plain      root/good/*                   good images
+             root/defects/<defect>/<stem>.*  defect images, each beside <stem>_mask.png
+
+Optional in both: root/meta.json {"object": name, "texture": bool, "defects": {folder: name}}
+and root/foreground/, foreground masks mirroring the image paths (foreground/train/good/000.png)
+or named by stem. Every problem with the data is a `DataError` whose message is one line naming
+the file, so command-line tools can print it and exit.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from . import masks
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DataError(Exception):
+    """Data that cannot be used as given. The message is one line and names the file."""
+
+
+# ---- images and masks -----------------------------------------------------------------------
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to uint8 (H, W, 3), any size.
+
+    Grey and 1-bit images are repeated on 3 channels; 16-bit images are scaled by 255/65535
+    (32-bit integer and float images the same way when their values exceed 255; floats in
+    [0, 1] by 255); palette, CMYK, YCbCr and other modes are converted by PIL; an alpha channel
+    is composited over black. EXIF orientation is ignored, so images stay pixel-aligned with
+    their masks. Of a multi-frame file (TIFF) the first frame is read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+                return _high_depth(np.asarray(im), im.mode)
+            if im.mode in ("P", "PA"):
+                im = im.convert("RGBA")
+            if im.mode in ("RGBA", "LA", "RGBa", "La"):
+                rgba = np.asarray(im.convert("RGBA")).astype(np.float32)
+                rgb = rgba[..., :3] * rgba[..., 3:] / 255  # over black
+                return np.round(rgb).astype(np.uint8)
+            return np.array(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+def _high_depth(a: np.ndarray, mode: str) -> np.ndarray:
+    """16/32-bit integer or float grey pixels to uint8 (H, W, 3)."""
+    a = a.astype(np.float64)
+    top = a.max(initial=0.0)
+    if mode.startswith("I;16") or 255 < top <= 65535:
+        a = a * 255 / 65535
+    elif top > 65535:
+        a = a * 255 / top
+    elif mode == "F" and top <= 1.0:
+        a = a * 255
+    g = np.clip(np.round(a), 0, 255).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def read_mask(path: str | Path) -> tuple[torch.Tensor, bool]:
+    """A binary mask file as (H, W) float {0, 1}, and whether the file was binary.
+
+    Pixels are the maximum over the colour channels of `read_image`, thresholded at 127 (a file
+    holding only 0 and 1 is read as 0/1). The flag is False when other values were present (soft
+    or anti-aliased masks), so a tool can say once that masks were thresholded. An empty mask is
+    a DataError.
+    """
+    a = read_image(path).max(axis=2)
+    values = np.unique(a)
+    if values.max() == 1:
+        a = a * 255
+        values = values * 255
+    m = torch.from_numpy(a > 127).float()
+    if not m.any():
+        raise DataError(f"{path}: the mask is empty (no pixel above 127)")
+    return m, bool(np.isin(values, (0, 255)).all())
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) to uint8 (size, size, 3), resized (not cropped) with PIL's antialiased
+    bilinear filter."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def to_tensor(image: np.ndarray, size: int | None = None) -> torch.Tensor:
+    """uint8 (H, W, 3) to float (3, size, size) in [-1, 1] (`resize_image`); size None keeps
+    (H, W)."""
+    if size is not None:
+        image = resize_image(image, size)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def mask_to_tensor(mask: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
+    """(H, W) {0, 1} mask to (size, size) by nearest neighbour (pixel centres aligned). When that
+    loses the whole mask (a thin or tiny defect, downscaled), every output pixel the mask
+    touches is kept instead, so a non-empty mask stays non-empty."""
+    m = torch.as_tensor(mask).float()[None, None]
+    out = F.interpolate(m, size=(size, size), mode="nearest-exact")
+    if m.any() and not out.any():
+        out = F.adaptive_max_pool2d(m, (size, size))
+    return out[0, 0]
+
+
+# ---- a category -----------------------------------------------------------------------------
+
+@dataclass
+class Category:
+    root: Path
+    layout: str  # "mvtec" or "plain"
+    good: list[Path]  # training good images, sorted
+    test_good: list[Path]  # MVTec test/good, never used for training
+    defects: dict[str, list[tuple[Path, Path]]]  # defect folder -> sorted (image, mask) pairs
+    object_name: str  # as the prompt says it: "a {object_name} with a {defect name}"
+    texture: bool  # True: the foreground F is the whole image
+    defect_names: dict[str, str] = field(default_factory=dict)  # defect folder -> prompt name
+    foreground_dir: Path | None = None  # user foreground masks, when root/foreground exists
+
+    def rel(self, path: Path) -> str:
+        """A path inside the category, relative to root, with forward slashes."""
+        return Path(path).relative_to(self.root).as_posix()
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file()
+                  and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_mask"))
+
+
+def _mask_of(image: Path, folder: Path) -> Path | None:
+    for name in (image.stem + "_mask", image.stem):
+        for suffix in IMAGE_SUFFIXES:
+            p = folder / (name + suffix)
+            if p.is_file() and p != image:
+                return p
+    return None
+
+
+def _size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path}: not a readable image ({type(e).__name__})") from None
+
+
+def _human(folder: str) -> str:
+    return folder.replace("_", " ")
+
+
+def read_category(root: str | Path, texture: bool | None = None,
+                  object_name: str | None = None) -> Category:
+    """Read a category in the MVTec AD or the plain layout (module docstring).
+
+    The object name, texture flag and human defect names come from root/meta.json when present,
+    else from the folder names (underscores become spaces; texture False); the `texture` and
+    `object_name` arguments override both. Errors (DataError): no good images, a defect image
+    without a mask, a mask whose size differs from its image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    if (root / "train" / "good").is_dir():
+        layout, good_dir, defects_dir = "mvtec", root / "train" / "good", root / "test"
+    elif (root / "good").is_dir():
+        layout, good_dir, defects_dir = "plain", root / "good", root / "defects"
+    else:
+        raise DataError(f"{root}: neither train/good/ (MVTec AD layout) nor good/ (plain layout)")
+    good = _images(good_dir)
+    if not good:
+        raise DataError(f"{good_dir}: no good images ({', '.join(IMAGE_SUFFIXES)})")
+    test_good = _images(root / "test" / "good") if layout == "mvtec" and \
+        (root / "test" / "good").is_dir() else []
+
+    defects = {}
+    folders = sorted(p for p in defects_dir.iterdir() if p.is_dir()) if defects_dir.is_dir() else []
+    for folder in folders:
+        if folder.name == "good":
+            continue
+        mask_dir = root / "ground_truth" / folder.name if layout == "mvtec" else folder
+        pairs = []
+        for image in _images(folder):
+            mask = _mask_of(image, mask_dir)
+            if mask is None:
+                raise DataError(f"{image}: defect image without a mask (looked for "
+                                f"{mask_dir / (image.stem + '_mask.png')})")
+            if _size(image) != _size(mask):
+                raise DataError(f"{mask}: mask is {_size(mask)} px but its image {image.name} is "
+                                f"{_size(image)} (width, height)")
+            pairs.append((image, mask))
+        if pairs:
+            defects[folder.name] = pairs
+
+    meta = {}
+    if (root / "meta.json").is_file():
+        try:
+            meta = json.loads((root / "meta.json").read_text())
+        except (ValueError, OSError) as e:
+            raise DataError(f"{root / 'meta.json'}: not readable JSON ({e})") from None
+    names = {d: meta.get("defects", {}).get(d, _human(d)) for d in defects}
+    fg_dir = root / "foreground"
+    return Category(
+        root=root, layout=layout, good=good, test_good=test_good, defects=defects,
+        object_name=object_name or meta.get("object") or _human(root.resolve().name),
+        texture=bool(meta.get("texture", False)) if texture is None else texture,
+        defect_names=names, foreground_dir=fg_dir if fg_dir.is_dir() else None)
+
+
+# ---- few-shot split -------------------------------------------------------------------------
+
+def make_split(category: Category, k: int = 10, seed: int = 0) -> dict:
+    """The few-shot split: per defect type, k defect images for training and the rest for
+    testing. Images are ordered by SHA-256 of "{seed}:{relative path}", so the split depends
+    only on the seed and the file names (not on library versions). A type with fewer than k
+    images puts all of them in train, is listed under "short" and warned about.
+
+    Returns {"k": k, "seed": seed, "defects": {folder: {"train": [rel paths], "test": [...]}},
+    "short": {folder: count}}; paths are relative to the category root.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    out = {"k": k, "seed": seed, "defects": {}, "short": {}}
+    for name, pairs in category.defects.items():
+        rels = sorted((category.rel(img) for img, _ in pairs),
+                      key=lambda r: hashlib.sha256(f"{seed}:{r}".encode()).hexdigest())
+        out["defects"][name] = {"train": sorted(rels[:k]), "test": sorted(rels[k:])}
+        if len(rels) < k:
+            out["short"][name] = len(rels)
+    if out["short"]:
+        warnings.warn(f"{category.root}: fewer than k={k} defect images for "
+                      + ", ".join(f"{d} ({n})" for d, n in out["short"].items())
+                      + "; all of them are used for training and none is left for testing")
+    return out
+
+
+def load_or_make_split(path: str | Path, category: Category, k: int = 10, seed: int = 0) -> dict:
+    """The split stored at `path` (split.json) if it exists, else a new `make_split` written
+    there atomically. A stored split made with another k or seed, or naming files the category
+    no longer has, is a DataError (delete the file or pass its k and seed)."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            split = json.loads(path.read_text())
+        except (ValueError, OSError) as e:
+            raise DataError(f"{path}: not a readable split file ({e})") from None
+        if split.get("k") != k or split.get("seed") != seed:
+            raise DataError(f"{path}: made with k={split.get('k')}, seed={split.get('seed')} but "
+                            f"k={k}, seed={seed} was asked; pass those or delete the file")
+        known = {category.rel(img) for pairs in category.defects.values() for img, _ in pairs}
+        for name, part in split.get("defects", {}).items():
+            missing = [r for r in part["train"] + part["test"] if r not in known]
+            if missing:
+                raise DataError(f"{path}: lists {missing[0]} ({name}), which is not in "
+                                f"{category.root}; delete the file to make a new split")
+        return split
+    split = make_split(category, k, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(split, f, indent=1)
+    os.replace(tmp, path)
+    return split
+
+
+# ---- datasets -------------------------------------------------------------------------------
+
+def item_generator(seed: int, i: int) -> torch.Generator:
+    """The generator of item i: a function of (seed, i) alone, so any item can be remade."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + i)
+
+
+def default_prompt(object_name: str, defect: str | None) -> str:
+    """"a {object} with a {defect}" (reference code), or "a {object}" for a good image."""
+    return f"a {object_name} with a {defect}" if defect else f"a {object_name}"
+
+
+class _Decoded:
+    """Decoded images at one size, kept in a small LRU cache: uint8 (3, S, S) images, bool
+    (S, S) masks and foregrounds."""
+
+    def __init__(self, category: Category, size: int, cache_dir: str | Path | None,
+                 capacity: int):
+        self.category, self.size, self.cache_dir, self.capacity = (category, size, cache_dir,
+                                                                   capacity)
+        self.items: OrderedDict = OrderedDict()
+
+    def _get(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = self.items[key] = make()
+        if len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+        return value
+
+    def image(self, path: Path) -> torch.Tensor:
+        return self._get(("image", path), lambda: torch.from_numpy(
+            resize_image(read_image(path), self.size).copy()).permute(2, 0, 1))
+
+    def mask(self, path: Path) -> torch.Tensor:
+        return self._get(("mask", path),
+                         lambda: mask_to_tensor(read_mask(path)[0], self.size) > 0.5)
+
+    def foreground(self, path: Path) -> torch.Tensor:
+        c = self.category
+
+        def make():
+            fg = masks.foreground_for(path, None, fg_dir=c.foreground_dir, texture=c.texture,
+                                      cache_dir=self.cache_dir, rel=c.rel(path))
+            return mask_to_tensor(fg, self.size) > 0.5
+        return self._get(("foreground", path), make)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Training pairs for the trimap branch, made on the fly by crop and paste
+    (ADABLDM.md "Training the trimap branch").
+
+    Item i is a function of (seed, i) alone (`item_generator`): a good image, a defect type of
+    `defects` (default: every type in the split), one of that type's k training images, the
+    random affine, a position inside the good image's foreground F, and the empty-prompt draw.
+    Returns {"image": (3, S, S) composite in [-1, 1], "hint": (3, S, S) trimap of the pasted mask,
+    "mask": (1, S, S), "prompt": "a {object} with a {defect}" or "" with probability
+    `p_empty_prompt`, "defect": folder name, "info": {good, source, angle, scale, shrink, y, x}}.
+
+    Images, masks and F are used at S x S (resized, not cropped). F comes from the category's
+    foreground folder, is all ones for textures, and is otherwise estimated once per image and
+    cached on disk (`masks.foreground_for`, in `cache_dir`). When a defect does not fit inside
+    an image's F, other good images are tried (up to 10) before a DataError.
+    """
+
+    def __init__(self, category: Category, split: dict, size: int = 256,
+                 defects: list[str] | None = None, object_name: str | None = None,
+                 p_empty_prompt: float = 0.1, seed: int = 0, length: int = 20_000,
+                 cache_dir: str | Path | None = None, translate_only: bool = False,
+                 cache_size: int = 2048):
+        self.category, self.size, self.seed, self.length = category, size, seed, length
+        self.p_empty_prompt, self.translate_only = p_empty_prompt, translate_only
+        self.object_name = object_name or category.object_name
+        names = defects if defects is not None else sorted(split["defects"])
+        self.train = {}  # defect folder -> [(image, mask)] of its k training images
+        for name in names:
+            if name not in category.defects:
+                raise DataError(f"{category.root}: no defect type {name!r} (has: "
+                                f"{', '.join(category.defects) or 'none'})")
+            chosen = set(split["defects"].get(name, {}).get("train", []))
+            self.train[name] = [(i, m) for i, m in category.defects[name]
+                                if category.rel(i) in chosen]
+            if not self.train[name]:
+                raise DataError(f"{category.root}: the split has no training image of {name!r}")
+        self.defects = names
+        self.decoded = _Decoded(category, size, cache_dir, cache_size)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        g = item_generator(self.seed, i)
+        defect = self.defects[torch.randint(len(self.defects), (1,), generator=g).item()]
+        pairs = self.train[defect]
+        j = torch.randint(len(pairs), (1,), generator=g).item()
+        d_img, d_mask = self.decoded.image(pairs[j][0]), self.decoded.mask(pairs[j][1])
+        good_paths = self.category.good
+        for _ in range(10):
+            good = good_paths[torch.randint(len(good_paths), (1,), generator=g).item()]
+            fg = self.decoded.foreground(good)
+            try:
+                image, mask, info = masks.paste_defect(
+                    self.decoded.image(good).float() / 127.5 - 1, d_img.float() / 127.5 - 1,
+                    d_mask.float(), fg.float(), g, translate_only=self.translate_only)
+                break
+            except masks.PlacementError as e:
+                last = f"{good}: {e}"
+        else:
+            raise DataError(f"{pairs[j][0]}: fits inside the foreground of none of 10 good "
+                            f"images tried; last: {last}")
+        empty = torch.rand(1, generator=g).item() < self.p_empty_prompt
+        name = self.category.defect_names.get(defect, defect)
+        return {"image": image, "hint": masks.trimap(mask, fg), "mask": mask[None],
+                "prompt": "" if empty else default_prompt(self.object_name, name),
+                "defect": defect,
+                "info": {"good": self.category.rel(good), "source": self.category.rel(pairs[j][0]),
+                         **info}}
+
+
+class GoodDataset(torch.utils.data.Dataset):
+    """Images for the domain stage (the UNet, or the autoencoder): every good training image and
+    every few-shot training defect image of the split, with its prompt.
+
+    Item i is image i mod N, flipped left-right and/or up-down with probability 1/2 each, its
+    prompt replaced by "" with probability `p_empty_prompt`, all drawn from (seed, i) alone; so
+    a `length` of N·epochs gives every epoch its own flips and stays exactly reproducible.
+    `prompt_fn(object_name, defect name or None)` makes the prompts (default `default_prompt`).
+    Returns {"image": (3, S, S) in [-1, 1], "prompt": str, "defect": folder or ""}.
+    """
+
+    def __init__(self, category: Category, size: int = 256, seed: int = 0,
+                 prompt_fn: Callable[[str, str | None], str] = default_prompt,
+                 split: dict | None = None, p_empty_prompt: float = 0.1,
+                 length: int | None = None, cache_size: int = 2048):
+        self.items = [(p, "") for p in category.good]
+        for name, part in (split or {"defects": {}})["defects"].items():
+            chosen = set(part["train"])
+            self.items += [(img, name) for img, _ in category.defects.get(name, [])
+                           if category.rel(img) in chosen]
+        self.category, self.size, self.seed, self.prompt_fn = category, size, seed, prompt_fn
+        self.p_empty_prompt = p_empty_prompt
+        self.length = length if length is not None else len(self.items)
+        self.decoded = _Decoded(category, size, None, cache_size)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        g = item_generator(self.seed, i)
+        path, defect = self.items[i % len(self.items)]
+        image = self.decoded.image(path).float() / 127.5 - 1
+        flip_lr, flip_ud, empty = (torch.rand(3, generator=g) < torch.tensor(
+            [0.5, 0.5, self.p_empty_prompt])).tolist()
+        if flip_lr:
+            image = image.flip(-1)
+        if flip_ud:
+            image = image.flip(-2)
+        name = self.category.defect_names.get(defect, defect) if defect else None
+        prompt = "" if empty else self.prompt_fn(self.category.object_name, name)
+        return {"image": image, "prompt": prompt, "defect": defect}

@@ -1,0 +1,110 @@
+"""Reading checkpoints and loading them into modules, loudly.
+
+Every failure is a `WeightsError` whose message is one line naming the file, so command-line
+tools can print it and exit with status 2. The runtime reads only safetensors; pickled `.ckpt`
+files are read by the converter alone, with `torch.load(weights_only=True)`, which refuses any
+object that is not a tensor or a plain container.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CONVERT_HINT = "convert public weights with: python tools/convert_weights.py SRC OUT_DIR"
+
+
+class WeightsError(Exception):
+    """A weights file that cannot be read or does not fit the model. The message is one line."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors` file or of a pickled `.ckpt`/`.pt`/`.bin` (safely unpickled).
+
+    A Lightning checkpoint's `state_dict` entry is unwrapped; its other entries (step counters,
+    optimizer states) are ignored. Inside the state dict, anything but a tensor is an error.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the unpickler raises many types; all mean "unreadable"
+        raise WeightsError(f"{path}: cannot be read as a weights-only checkpoint "
+                           f"({_first_line(e)})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    bad = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise WeightsError(f"{path}: entries that are not tensors: {_names(bad)}")
+    return obj
+
+
+def _names(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
+                     source: str, what: str) -> None:
+    """Raise WeightsError unless `got` has exactly the keys of `expected`, each of the same shape."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {_names(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {_names(unexpected)}")
+        raise WeightsError(f"{source}: keys do not match the {what} ({'; '.join(parts)}); "
+                           f"{CONVERT_HINT}")
+    for k, v in expected.items():
+        if tuple(got[k].shape) != tuple(v.shape):
+            raise WeightsError(f"{source}: {k} has shape {tuple(got[k].shape)} in the file but "
+                               f"{tuple(v.shape)} in the {what}; {CONVERT_HINT}")
+
+
+def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+              what: str, assign: bool = False) -> torch.nn.Module:
+    """Copy `state_dict` into `module` after the key-set and per-key shape checks. With
+    assign=True the tensors replace the module's (for modules built on the meta device)."""
+    check_state_dict(module.state_dict(), state_dict, source, what)
+    module.load_state_dict(state_dict, strict=True, assign=assign)
+    return module
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write a safetensors file through a temporary file, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

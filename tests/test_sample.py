@@ -1,0 +1,165 @@
+"""`python -m minibldm.sample` end to end on tiny random weights: the MVTec-layout output, the
+manifest and preview, determinism, sharding, resume, and bad input (exit 2, nothing written)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_tiny_weights
+from PIL import Image
+
+FAST = ["--steps", "4", "--latent-start", "1", "--latent-stop", "3", "--image-start", "3",
+        "--adapt-steps", "3", "--size", "64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    weights = write_tiny_weights(root / "weights")
+    rng = np.random.default_rng(0)
+    (root / "good").mkdir()
+    (root / "masks").mkdir()
+    for i in range(3):  # a bright disc (the object) on a dark background
+        img = np.full((80, 80, 3), 30, np.uint8)
+        yy, xx = np.mgrid[:80, :80]
+        img[(yy - 40) ** 2 + (xx - 40) ** 2 < 30 ** 2] = 180 + 20 * i
+        img = np.clip(img + rng.integers(0, 10, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "good" / f"{i:03d}.png")
+    for i, (h, w) in enumerate([(6, 14), (10, 4)]):
+        m = np.zeros((80, 80), np.uint8)
+        m[30:30 + h, 30:30 + w] = 255
+        Image.fromarray(m).save(root / "masks" / f"{i:03d}_mask.png")
+    return root, weights
+
+
+def run(inputs, out, *extra, n="2"):
+    root, weights = inputs
+    args = ["--weights", weights, "--images", root / "good", "--defect-masks", root / "masks",
+            "--object", "tile", "--defect", "crack", "-n", n, "--out", out, *FAST, *extra]
+    return subprocess.run([sys.executable, "-m", "minibldm.sample", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def files(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(Path(out).rglob("*.png"))
+            if p.name != "preview.png"}
+
+
+def test_writes_mvtec_layout_manifest_and_preview(tmp_path, inputs):
+    r = run(inputs, tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert sorted(files(out)) == ["ground_truth/crack/000_mask.png", "ground_truth/crack/001_mask.png",
+                                  "test/crack/000.png", "test/crack/001.png"]
+    mask = np.asarray(Image.open(out / "ground_truth/crack/000_mask.png"))
+    assert set(np.unique(mask)) == {0, 255}
+    img = np.asarray(Image.open(out / "test/crack/000.png"))
+    assert img.shape == (64, 64, 3)
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [x["index"] for x in lines] == [0, 1]
+    for key in ("seed", "source", "placement", "prompt", "stages", "adapt_loss_before",
+                "adapt_loss_after", "psnr_bg_before", "psnr_bg_after"):
+        assert key in lines[0]
+    assert lines[0]["prompt"] == "a tile with a crack"
+    assert Image.open(out / "preview.png").size == (5 * 64, 2 * 64)
+
+
+def test_same_seed_same_bytes_and_shards_equal_one_run(tmp_path, inputs):
+    assert run(inputs, tmp_path / "a").returncode == 0
+    assert run(inputs, tmp_path / "b").returncode == 0
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+    assert run(inputs, tmp_path / "s", "--first", "1", n="1").returncode == 0
+    shard = files(tmp_path / "s")
+    assert shard == {k: v for k, v in files(tmp_path / "a").items() if "001" in k}
+    assert run(inputs, tmp_path / "c", "--seed", "1").returncode == 0
+    assert files(tmp_path / "c") != files(tmp_path / "a")
+
+
+def test_resume_continues_where_it_stopped(tmp_path, inputs):
+    assert run(inputs, tmp_path / "full").returncode == 0
+    assert run(inputs, tmp_path / "part", n="1").returncode == 0
+    assert len(files(tmp_path / "part")) == 2
+    assert run(inputs, tmp_path / "part").returncode == 0
+    assert files(tmp_path / "part") == files(tmp_path / "full")
+    lines = (tmp_path / "part" / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    r = run(inputs, tmp_path / "part", "--seed", "5")
+    assert r.returncode == 2 and "other settings (seed)" in r.stderr
+
+
+def test_exact_masks_one_output_per_mask(tmp_path, inputs):
+    root, _ = inputs
+    r = run(inputs, tmp_path / "out", "--exact-masks", root / "masks", "--good", root / "good" / "000.png",
+            n="5")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    for k in (0, 1):  # the user's masks, as they are (resized to the model's 64 like the image)
+        got = np.asarray(Image.open(out / f"ground_truth/crack/{k:03d}_mask.png")) > 127
+        src = np.asarray(Image.open(root / "masks" / f"{k:03d}_mask.png").resize((64, 64), Image.NEAREST)) > 127
+        assert (got == src).mean() > 0.99
+    assert len(files(out)) == 4
+
+
+def bad_case(tmp_path, inputs, how):
+    root, weights = inputs
+    args = []
+    if how == "no images":
+        (tmp_path / "empty").mkdir()
+        args = ["--images", tmp_path / "empty"]
+    elif how == "missing images":
+        args = ["--images", tmp_path / "nope"]
+    elif how == "unreadable image":
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+        args = ["--images", tmp_path / "bad"]
+    elif how == "empty mask":
+        (tmp_path / "m").mkdir()
+        Image.fromarray(np.zeros((80, 80), np.uint8)).save(tmp_path / "m" / "a.png")
+        args = ["--defect-masks", tmp_path / "m"]
+    elif how == "mask size":
+        (tmp_path / "m").mkdir()
+        Image.fromarray(np.full((20, 30), 255, np.uint8)).save(tmp_path / "m" / "a.png")
+        args = ["--exact-masks", tmp_path / "m", "--good", root / "good" / "000.png"]
+    elif how == "out is a file":
+        (tmp_path / "out").write_text("x")
+    elif how == "n <= 0":
+        args = ["-n", "0"]
+    elif how == "untrained defect":
+        from safetensors.torch import load_file, save_file
+        sd = load_file(str(weights / "control.safetensors"))
+        save_file(sd, str(tmp_path / "control.safetensors"), metadata={"defects": '["scratch"]'})
+        args = ["--control", tmp_path / "control.safetensors"]
+    elif how == "control mismatch":
+        from safetensors.torch import load_file, save_file
+        sd = load_file(str(weights / "control.safetensors"))
+        sd["zero_convs.0.0.weight"] = sd["zero_convs.0.0.weight"][:8]
+        save_file(sd, str(tmp_path / "control.safetensors"))
+        args = ["--control", tmp_path / "control.safetensors"]
+    return args
+
+
+@pytest.mark.parametrize("how,needle", [
+    ("no images", "no images"), ("missing images", "no such folder"),
+    ("unreadable image", "x.png"), ("empty mask", "the mask is empty"),
+    ("mask size", "mask is 30x20 but its image"), ("out is a file", "is not a folder"),
+    ("n <= 0", "-n must be positive"), ("untrained defect", "not 'crack'"),
+    ("control mismatch", "zero_convs.0.0.weight has shape"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, inputs, how, needle):
+    extra = bad_case(tmp_path, inputs, how)
+    out = tmp_path / "out"
+    r = run(inputs, out, *extra, n=extra[extra.index("-n") + 1] if "-n" in extra else "2")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert not out.is_dir() or not any(out.iterdir())
+
+
+def test_no_arguments_without_bundled_weights_says_what_it_needs():
+    from minibldm.sample import DEFAULT_WEIGHTS
+    if (DEFAULT_WEIGHTS / "config.json").is_file():
+        pytest.skip("the bundled default model exists")
+    r = subprocess.run([sys.executable, "-m", "minibldm.sample"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--weights" in r.stderr
