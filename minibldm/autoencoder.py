@@ -164,8 +164,8 @@ class Encoder(nn.Module):
             for i, w in enumerate(widths))
         self.mid = Mid(widths[-1], g)
         self.norm_out = norm(widths[-1], g)
-        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels if cfg.double_z else cfg.z_channels,
-                                  3, padding=1)
+        z_out = 2 * cfg.z_channels if cfg.double_z else cfg.z_channels  # KL: mean and logvar
+        self.conv_out = nn.Conv2d(widths[-1], z_out, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -184,7 +184,8 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
-        g, n, widths = cfg.norm_num_groups, cfg.num_res_blocks + 1, [cfg.ch * m for m in cfg.ch_mult]
+        g, n = cfg.norm_num_groups, cfg.num_res_blocks + 1
+        widths = [cfg.ch * m for m in cfg.ch_mult]
         last = len(widths) - 1
         self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
         self.mid = Mid(widths[-1], g)

@@ -111,18 +111,29 @@ def unet_config_from_state_dict(sd: dict, num_heads: int = 8, norm_num_groups: i
     (`control_model.` stripped) state dict."""
     conv_in = sd["input_blocks.0.0.weight"]
     mc = conv_in.shape[0]
-    mult, attn, n_res, k = [], [], None, 1
-    while f"input_blocks.{k}.0.in_layers.2.weight" in sd or f"input_blocks.{k}.0.op.weight" in sd:
-        if f"input_blocks.{k}.0.op.weight" in sd:  # a Downsample closes the level
-            k += 1
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in sd)
+
+    def width(k: int) -> int:  # output channels of the ResBlock input_blocks.k.0
+        for name in ("out_layers.3.weight", "in_layers.2.weight", "emb_layers.1.weight"):
+            if f"input_blocks.{k}.0.{name}" in sd:
+                return sd[f"input_blocks.{k}.0.{name}"].shape[0]
+        raise KeyError(f"input_blocks.{k}.0.out_layers.3.weight")
+
+    mult, attn, per_level, n = [], [], [], 0
+    for k in range(1, _count(sd, "input_blocks.")):
+        if has(f"input_blocks.{k}.0.op."):  # a Downsample closes the level
+            per_level.append(n)
+            n = 0
             continue
-        level_start = k
-        while f"input_blocks.{k}.0.in_layers.2.weight" in sd:
-            k += 1
-        n_res = k - level_start
-        mult.append(sd[f"input_blocks.{level_start}.0.in_layers.2.weight"].shape[0] // mc)
-        if f"input_blocks.{level_start}.1.proj_in.weight" in sd:
-            attn.append(2 ** (len(mult) - 1))
+        if n == 0:  # the level's first ResBlock sets its width
+            mult.append(width(k) // mc)
+            if has(f"input_blocks.{k}.1."):
+                attn.append(2 ** (len(mult) - 1))
+        n += 1
+    per_level.append(n)
+    n_res = max(per_level)
     depth = _count(sd, "middle_block.1.transformer_blocks.")
     context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
     hint = sd.get("input_hint_block.0.weight")

@@ -15,7 +15,25 @@ StateDict = dict[str, torch.Tensor]
 
 
 # --- CLIP text encoder: transformers CLIPTextModel <-> minibldm ----------------------------------
-# (section owned by the text-encoder work)
+# minibldm's TextEncoder has the names of the published CLIPTextModel files (transformers 4.x,
+# openai/clip-vit-large-patch14, SD 1.x's `cond_stage_model.transformer.*`): `text_model.` + the
+# module path. transformers 5 dropped the `text_model.` level from CLIPTextModel's state dict (it
+# still reads the prefixed files). Checkpoints saved by transformers < 4.31 also hold the
+# `embeddings.position_ids` buffer (arange(77)); minibldm computes positions, so it is dropped.
+TEXT_PREFIX = "text_model."
+
+
+def text_encoder_from_transformers(sd: StateDict) -> StateDict:
+    """CLIPTextModel state dict or file (transformers 4.x or 5; CompVis after the
+    `cond_stage_model.transformer.` strip) -> minibldm."""
+    sd = {k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k: v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if k != TEXT_PREFIX + "embeddings.position_ids"}
+
+
+def text_encoder_to_transformers(sd: StateDict) -> StateDict:
+    """minibldm -> the published CLIPTextModel layout, which is minibldm's; `from_pretrained` of
+    transformers 4.x and 5 reads it (transformers 5's `load_state_dict` wants the prefix off)."""
+    return dict(sd)
 
 
 # --- autoencoder: diffusers AutoencoderKL / VQModel <-> minibldm --------------------------------
@@ -33,7 +51,7 @@ AUTOENCODER_RENAMES = [
     (".attentions.", ".attn."),
     (".downsamplers.0.", ".downsample."),
     (".upsamplers.0.", ".upsample."),
-    (".conv_shortcut.", ".nin_shortcut."),       # diffusers' 1x1 skip conv; ldm's conv_shortcut is 3x3
+    (".conv_shortcut.", ".nin_shortcut."),       # the 1x1 skip conv (ldm's conv_shortcut is 3x3)
     (".conv_norm_out.", ".norm_out."),
     (".group_norm.", ".norm."),
     (".to_q.", ".q."),

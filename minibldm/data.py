@@ -71,8 +71,9 @@ def read_image(path: str | Path) -> np.ndarray:
                 return np.round(rgb).astype(np.uint8)
             return np.array(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: not a readable image ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        why = str(e).strip().splitlines()
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}"
+                        f"{': ' + why[0] if why else ''})") from None
 
 
 def _high_depth(a: np.ndarray, mode: str) -> np.ndarray:
@@ -125,14 +126,16 @@ def to_tensor(image: np.ndarray, size: int | None = None) -> torch.Tensor:
 
 
 def mask_to_tensor(mask: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
-    """(H, W) {0, 1} mask to (size, size) by nearest neighbour (pixel centres aligned). When that
-    loses the whole mask (a thin or tiny defect, downscaled), every output pixel the mask
-    touches is kept instead, so a non-empty mask stays non-empty."""
+    """(H, W) {0, 1} mask to (size, size) by nearest neighbour (pixel centres aligned). When
+    shrinking breaks the mask into more pieces than keeping every output pixel it touches does
+    (a thin crack turned into dashes) or loses it, the touched pixels are used instead."""
     m = torch.as_tensor(mask).float()[None, None]
-    out = F.interpolate(m, size=(size, size), mode="nearest-exact")
-    if m.any() and not out.any():
-        out = F.adaptive_max_pool2d(m, (size, size))
-    return out[0, 0]
+    out = F.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0]
+    if m.shape[-2] > size or m.shape[-1] > size:
+        touched = F.adaptive_max_pool2d(m, (size, size))[0, 0]
+        if not out.any() or masks.count_components(out) > masks.count_components(touched):
+            return touched
+    return out
 
 
 # ---- a category -----------------------------------------------------------------------------

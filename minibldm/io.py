@@ -102,6 +102,7 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a weights file is as readable as any other
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
         os.replace(tmp, path)

@@ -4,7 +4,8 @@ Natural Language Supervision"), as Stable Diffusion 1.x feeds it to the text enc
 SD's FrozenCLIPEmbedder calls transformers' CLIPTokenizer for openai/clip-vit-large-patch14 with
 padding="max_length", truncation=True, max_length=77: `<|startoftext|> ids... <|endoftext|>`,
 cut so that it still ends with end-of-text, then padded with end-of-text. This module gives the
-same ids with one `tokenizers.Tokenizer`, so a port to another runtime reads `tokenizer.json`.
+same ids with one `tokenizers.Tokenizer` (`Tokenizer.backend`; its `save` writes a tokenizer.json
+that ports to other runtimes can read).
 
 The text clean-up reproduces transformers' Python CLIPTokenizer when `ftfy` is not installed
 (it then runs BERT's BasicTokenizer, without accent stripping or punctuation splitting):
@@ -16,6 +17,13 @@ Words are then split with CLIP's regex (contractions, letter runs, single digits
 symbols), mapped byte by byte to printable characters (GPT-2's table), and merged by BPE with
 `</w>` marking the end of each word. `<|startoftext|>` and `<|endoftext|>` written in a prompt are
 those tokens (matched in the raw text, before any clean-up, as transformers does).
+
+Known differences from the Python tokenizer (tests/test_tokenizer.py pins them): spellings that
+become a special token only after clean-up (`<|EndOfText|>`, `<|end\u200boftext|>`) are text here,
+while its regex makes them special tokens unless they follow a symbol; and characters whose
+Unicode category differs between Python's `unicodedata` and the regex engine's newer tables
+(Python 3.11 drops the ~10k code points that Unicode 15-16 assigned, e.g. U+1FAE8 🫨, as
+unassigned; they are kept here).
 """
 from __future__ import annotations
 
@@ -79,7 +87,8 @@ class Tokenizer:
         missing = [t for t in (START, END) if t not in vocab]
         if missing:
             raise ValueError(f"vocabulary lacks the special tokens {', '.join(missing)}")
-        self.vocab, self.merges, self.max_length = dict(vocab), [tuple(m) for m in merges], max_length
+        self.vocab, self.merges = dict(vocab), [tuple(m) for m in merges]
+        self.max_length = max_length
         self.start_id, self.end_id = vocab[START], vocab[END]
 
         tok = _HFTokenizer(models.BPE(self.vocab, self.merges, end_of_word_suffix=END_OF_WORD,
@@ -96,7 +105,8 @@ class Tokenizer:
             pre_tokenizers.Split(Regex(WORD), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
-        tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in (START, END)])
+        tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t in (START, END)])
         tok.post_processor = processors.TemplateProcessing(
             single=f"{START} $A {END}", special_tokens=[(START, self.start_id), (END, self.end_id)])
         tok.enable_truncation(max_length)  # keeps room for the two special tokens
@@ -121,9 +131,12 @@ class Tokenizer:
         """Read OpenAI's `bpe_simple_vocab_16e6.txt.gz`, or a folder (or a file in it) holding the
         Hugging Face `vocab.json` and `merges.txt`."""
         path = Path(path)
+        if not path.exists():
+            raise WeightsError(f"{path}: no such file or folder")
         if path.is_file() and path.name.endswith(".gz"):
             try:
-                lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+                with gzip.open(path, "rt", encoding="utf-8") as f:
+                    lines = f.read().split("\n")
             except (OSError, EOFError, UnicodeDecodeError) as e:
                 raise WeightsError(f"{path}: not a readable gzip text file ({e})") from None
             merges = _parse_merges(lines[1:1 + MERGES_USED], path)  # line 0 is a header
@@ -154,11 +167,13 @@ class Tokenizer:
         try:
             return cls(vocab, merges, max_length)
         except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad vocab
-            raise WeightsError(f"{folder}: vocab.json and merges.txt do not fit together "
-                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise WeightsError(f"{folder}: vocab.json and merges.txt do not fit together ({why})"
+                               ) from None
 
     def save(self, folder: str | Path) -> None:
-        """Write `vocab.json` and `merges.txt` in the Hugging Face format (CLIPTokenizer reads them)."""
+        """Write `vocab.json` and `merges.txt` in the Hugging Face format (CLIPTokenizer reads
+        them)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), "utf-8")
@@ -170,7 +185,7 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: list[str], vocab_size: int, max_length: int = 77) -> "Tokenizer":
         """Learn a small CLIP-style vocabulary (512 byte symbols + merges + 2 specials) on `texts`,
-        with the same clean-up and word splitting as CLIP's. Fewer merges may be found than asked."""
+        with CLIP's clean-up and word splitting. A small corpus may give fewer merges than asked."""
         n_merges = vocab_size - 2 * 256 - 2
         if n_merges < 0:
             raise ValueError(f"vocab_size must be at least {2 * 256 + 2}, got {vocab_size}")
@@ -184,6 +199,7 @@ class Tokenizer:
         learner.train_from_iterator(texts, trainer)
         merges = [tuple(m) for m in json.loads(learner.to_str())["model"]["merges"]][:n_merges]
         return cls(clip_vocab(merges), merges, max_length)
+
 
 def _parse_merges(lines: list[str], path: Path) -> list[tuple[str, str]]:
     merges = []

@@ -56,3 +56,9 @@ def write_tiny_weights(folder, control: bool = True, seed: int = 0):
         randomize(net, seed + i)
     save(folder, cfgs, {k: v.state_dict() for k, v in nets.items()}, tok)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Foreground estimates are cached under $XDG_CACHE_HOME: keep the tests' out of the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -1,5 +1,7 @@
 """Autoencoder parity with diffusers AutoencoderKL / VQModel (tiny configs, random weights), the
 diffusers key mapping at full size (meta device), and the VQ / KL training helpers."""
+import dataclasses
+
 import pytest
 import torch
 from conftest import max_abs
@@ -19,8 +21,8 @@ TINY_KL = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, resoluti
 TINY_VQ = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=32,
                             z_channels=4, embed_dim=3, double_z=False, n_embed=64,
                             scale_factor=0.7, norm_num_groups=8)
-TINY_VQ_ATTN = AutoencoderConfig(**{**TINY_VQ.__dict__, "attn_resolutions": (8,)})  # deepest level,
-# as VQ-f8's attn_resolutions=(32,) at resolution 256
+# attention at the deepest level (32 / 4 = 8), as VQ-f8's attn_resolutions=(32,) at 256
+TINY_VQ_ATTN = dataclasses.replace(TINY_VQ, attn_resolutions=(8,))
 
 
 def diffusers_kwargs(cfg: AutoencoderConfig) -> dict:

@@ -95,7 +95,8 @@ def test_compvis_checkpoint_converts_and_loads(tmp_path, reference, suffix):
     else:
         from safetensors.torch import save_file
         save_file(sd, str(src))
-    r = run_tool(src, tmp_path / "out", "--vocab", CLIP_VOCAB)
+    # shapes cannot tell the head count: the tiny UNet has 2, not SD's 8
+    r = run_tool(src, tmp_path / "out", "--vocab", CLIP_VOCAB, "--num-heads", "2")
     assert r.returncode == 0, r.stderr
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["autoencoder"]["scale_factor"] == 0.5  # read from the checkpoint's buffer
@@ -110,10 +111,8 @@ def test_diffusers_folders_convert_and_load(tmp_path, reference):
     reference["vae"].save_pretrained(pipe / "vae")
     reference["clip"].save_pretrained(pipe / "text_encoder")
     reference["control"].save_pretrained(tmp_path / "controlnet")
-    tok_dir = tmp_path / "vocab"
-    minibldm.tokenizer.Tokenizer.from_file(CLIP_VOCAB).save(tok_dir)
-    transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"),
-                               pad_token="<|endoftext|>").save_pretrained(pipe / "tokenizer")
+    # the hub's SD 1.5 folder holds tokenizer/vocab.json + merges.txt
+    minibldm.tokenizer.Tokenizer.from_file(CLIP_VOCAB).save(pipe / "tokenizer")
     r = run_tool(pipe, tmp_path / "out", "--control", tmp_path / "controlnet")
     assert r.returncode == 0, r.stderr
     models = minibldm.load(tmp_path / "out")
@@ -177,6 +176,7 @@ def broken(sd, how):
     ("shape", "input_blocks.1.0.in_layers.2.weight has shape (3, 3) in the file"),
     ("truncated", "cannot be read"),
     ("pickle", "cannot be read as a weights-only checkpoint"),
+    ("nontensor", "entries that are not tensors: model.diffusion_model.note"),
     ("nonexistent", "no such file"),
 ])
 def test_bad_checkpoints_fail_cleanly(tmp_path, good_ckpt, how, needle):
@@ -188,8 +188,10 @@ def test_bad_checkpoints_fail_cleanly(tmp_path, good_ckpt, how, needle):
         data = path.read_bytes()
         src.write_bytes(data[: len(data) // 2])
     elif how == "pickle":
-        import collections
-        torch.save({"state_dict": sd, "callback": collections.Counter("abc")}, src)
+        import functools  # a callable: what a malicious pickle would smuggle in
+        torch.save({"state_dict": sd, "hook": functools.partial(print, "hi")}, src)
+    elif how == "nontensor":
+        torch.save({"state_dict": {**sd, "model.diffusion_model.note": "text"}}, src)
     out = tmp_path / "out"
     r = run_tool(src, out, "--vocab", CLIP_VOCAB)
     assert r.returncode == 2

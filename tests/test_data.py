@@ -152,6 +152,12 @@ def test_to_tensor_and_mask_to_tensor():
     thin[:, 101] = 1  # a 1-px crack that nearest downscaling by 8 would miss
     small = data.mask_to_tensor(thin, 32)
     assert small.shape == (32, 32) and small.sum() == 32 and small[:, 12].all()
+    diagonal = torch.eye(256).flip(1)  # nearest keeps dashes of it at 100 px
+    small = data.mask_to_tensor(diagonal, 100)
+    assert masks.count_components(small) == 1 and small.sum() < 300
+    blob = torch.zeros(256, 256)
+    blob[40:200, 30:90] = 1  # a thick mask keeps plain nearest
+    assert torch.equal(data.mask_to_tensor(blob, 64), blob[2::4, 2::4])
 
 
 # ---- categories -------------------------------------------------------------------------------
@@ -296,6 +302,19 @@ def test_pair_dataset_items_are_reproducible_and_sane(tmp_path):
     assert len(ds) == 50 and len(only) == 20_000
     with pytest.raises(DataError, match="rust"):
         data.PairDataset(c, split, defects=["rust"])
+
+
+def test_decoded_images_are_kept_in_memory(tmp_path, monkeypatch):
+    c, split = category_with_foreground(tmp_path)
+    ds = data.PairDataset(c, split, size=32)
+    tiny = data.PairDataset(c, split, size=32, cache_size=1)
+    first = ds[0]
+    calls = []
+    real = data.read_image
+    monkeypatch.setattr(data, "read_image", lambda p: calls.append(p) or real(p))
+    assert torch.equal(ds[0]["image"], first["image"]) and calls == []
+    tiny[0], tiny[0]
+    assert len(calls) >= 6  # image, mask, foreground, twice: nothing stays with room for one
 
 
 def test_pair_dataset_estimates_and_caches_the_foreground(tmp_path, monkeypatch):

@@ -88,7 +88,7 @@ def test_components_fill_holes_largest_component():
     assert (lab[m > 0] == lab[2, 2]).all() and (lab[m == 0] == -1).all()
     m2 = m.clone()
     m2[20:24, 20:24] = 1  # a second, smaller component
-    assert len(masks.components(m2)[m2 > 0].unique()) == 2
+    assert masks.count_components(m2) == 2 and masks.count_components(m) == 1
     assert torch.equal(masks.largest_component(m2), m)
     ring = torch.zeros(20, 20)
     ring[4:15, 4:15] = 1
@@ -128,6 +128,37 @@ def test_estimate_foreground_drops_specks_and_fills_holes():
     assert (f & truth).sum() / (f | truth).sum() > 0.9
 
 
+def test_estimate_foreground_keeps_a_large_hole():
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[:160, :160]
+    r2 = (yy - 80) ** 2 + (xx - 80) ** 2
+    truth = (r2 < 55 ** 2) & (r2 >= 25 ** 2)  # a washer: its hole is background
+    im = np.where(truth[..., None], np.array([150, 150, 160]), 25)
+    im = im + rng.normal(0, 10, (160, 160, 3))
+    f = masks.estimate_foreground(np.clip(im, 0, 255).astype(np.uint8)).numpy() > 0.5
+    assert (f & truth).sum() / (f | truth).sum() > 0.9 and not f[70:90, 70:90].any()
+
+
+def test_estimate_foreground_ignores_faint_colour_noise_on_grey():
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:150, :180]
+    truth = ((yy - 80) / 45) ** 2 + ((xx - 85) / 50) ** 2 < 1
+    lum = np.where(truth, 150.0, 60.0) + rng.normal(0, 25, (150, 180))
+    im = lum[..., None] + rng.normal(0, 5, (150, 180, 3))  # chroma is noise only: keep it small
+    f = masks.estimate_foreground(np.clip(im, 0, 255).astype(np.uint8)).numpy() > 0.5
+    assert (f & truth).sum() / (f | truth).sum() > 0.965
+
+
+def test_estimate_foreground_mixed_border_is_all_foreground():
+    yy, xx = np.mgrid[:150, :180]
+    im = np.zeros((150, 180, 3)) + [40, 60, 150]
+    im[(yy - 150) ** 2 + (xx - 180) ** 2 < 135 ** 2] = [200, 160, 40]  # half the border each
+    im += np.random.default_rng(0).normal(0, 15, im.shape)
+    im = np.clip(im, 0, 255).astype(np.uint8)
+    assert masks.estimate_foreground(im).all()  # no single background: a surface
+    assert not masks.estimate_foreground(im, min_border_purity=0.0).all()  # the rule decides
+
+
 def test_estimate_foreground_texture_is_all_foreground():
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:128, :128]
@@ -160,9 +191,13 @@ def test_foreground_for_caches_the_estimate(tmp_path, monkeypatch):
     Image.fromarray(255 - im).save(other)
     masks.foreground_for(other, None, cache_dir=cache)
     assert len(calls) == 2 and len(list(cache.glob("*.png"))) == 2
+    for p in cache.glob("*.png"):
+        p.write_bytes(b"damaged")  # a damaged entry is recomputed and rewritten
+    assert torch.equal(masks.foreground_for(path, im, cache_dir=cache), f1) and len(calls) == 3
+    assert torch.equal(masks.foreground_for(path, im, cache_dir=cache), f1) and len(calls) == 3
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert masks.default_cache_dir() == tmp_path / "xdg" / "minibldm" / "foreground"
-    assert masks.foreground_for(path, im, texture=True).all() and len(calls) == 2
+    assert masks.foreground_for(path, im, texture=True).all() and len(calls) == 3
 
 
 def test_foreground_for_reads_the_users_folder(tmp_path):
@@ -179,16 +214,23 @@ def test_foreground_for_reads_the_users_folder(tmp_path):
     assert torch.equal(got, torch.from_numpy(fg == 0).float())
     with pytest.raises(DataError, match="009.jpg"):
         masks.foreground_for(tmp_path / "x" / "009.jpg", im, fg_dir=tmp_path / "fg")
+    with pytest.raises(DataError, match="007.png.*px"):  # a mask of another size
+        masks.foreground_for(tmp_path / "x" / "007.jpg", im[:-1], fg_dir=tmp_path / "fg",
+                             rel="train/good/007.jpg")
 
 
 # ---- affine -----------------------------------------------------------------------------------
 
-def test_affine_identity_is_the_bounding_box_crop():
+def test_affine_identity_and_quarter_turns_are_exact():
     m = l_shape()
     img = torch.randn(3, 60, 80, generator=gen(0))
     crop, pix = masks.affine_crop(m, 0.0, 1.0, img)
     assert torch.equal(crop, m[20:45, 10:50])
     assert torch.allclose(pix, img[:, 20:45, 10:50], atol=1e-6)
+    for k in (1, 2, 3):  # counter-clockwise quarter turns, as torch.rot90 on (y, x)
+        crop, pix = masks.affine_crop(m, 90.0 * k, 1.0, img)
+        assert torch.equal(crop, torch.rot90(m[20:45, 10:50], k))
+        assert torch.allclose(pix, torch.rot90(img[:, 20:45, 10:50], k, (1, 2)), atol=1e-5)
 
 
 @pytest.mark.parametrize("angle", [30.0, 90.0, 137.0, 200.0, 301.0])
@@ -223,6 +265,31 @@ def test_random_affine_ranges_and_area():
     crop, _, p = masks.random_affine(m, gen(0), rotation=(10.0, 20.0), scale=(2.0, 2.0))
     assert 10 <= p["angle"] < 20 and p["scale"] == 2.0
     assert abs(crop.sum().item() / area - 4.0) < 0.2
+
+
+def test_affine_keeps_tiny_and_thin_masks_whole():
+    dot = torch.zeros(20, 20)
+    dot[7, 11] = 1
+    line = torch.zeros(60, 60)
+    line[30, 5:55] = 1  # one pixel wide: a 0.5 threshold would break it at most angles
+    wiggle = torch.zeros(60, 60)
+    for x in range(5, 55):
+        wiggle[30 + round(5 * np.sin(x / 5)), x] = 1  # 8-connected, with diagonal steps
+    disk = (torch.cdist(torch.cartesian_prod(torch.arange(40.), torch.arange(40.)),
+                        torch.tensor([[20., 20.]])) < 8).float().reshape(40, 40)
+    for angle in (0.0, 3.0, 91.0, 180.0):  # a one-pixel mask stays one pixel near quarter turns
+        assert masks.affine_crop(dot, angle, 1.0)[0].sum() == 1
+    broken = 0
+    for seed in range(30):
+        crop, _, p = masks.random_affine(dot, gen(seed))
+        assert crop.sum() >= 1, p
+        crop, _, p = masks.random_affine(line, gen(seed), scale=(0.7, 1.15))
+        assert masks.count_components(crop) == 1, p
+        crop, _, p = masks.random_affine(wiggle, gen(seed), scale=(0.7, 1.15))
+        broken += masks.count_components(crop) > 1
+        crop, _, p = masks.random_affine(disk, gen(seed))  # thick masks keep the 0.5 threshold
+        assert abs(crop.sum().item() / disk.sum().item() / p["scale"] ** 2 - 1) < 0.06, p
+    assert broken <= 2
 
 
 # ---- placement --------------------------------------------------------------------------------

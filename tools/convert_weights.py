@@ -164,15 +164,13 @@ def convert_weights(args) -> list[str]:
             configs["unet"] = unet_config_from_state_dict(parts["unet"], args.num_heads)
     if args.control:
         parts["control"] = read_control(Path(args.control))
+    fits = None
     if "control" in parts:
         base = configs.get("unet", UNetConfig())
         ccfg = unet_config_from_state_dict(parts["control"], base.num_heads, base.norm_num_groups)
         if "unet" in configs:
-            differ = [f for f in ccfg.__dataclass_fields__ if f not in ("out_channels", "hint_channels")
-                      and getattr(ccfg, f) != getattr(base, f)]
-            if differ:
-                raise WeightsError(f"{args.control or src}: the control branch does not fit the UNet "
-                                   f"(differs in {', '.join(differ)})")
+            fits = [f for f in ccfg.__dataclass_fields__ if f not in ("out_channels", "hint_channels")
+                    and getattr(ccfg, f) != getattr(base, f)]
             ccfg = dataclasses.replace(base, hint_channels=ccfg.hint_channels)
         configs["unet"] = ccfg
     if "text_encoder" in parts and tok is None:
@@ -186,8 +184,11 @@ def convert_weights(args) -> list[str]:
     for name, sd in parts.items():
         with torch.device("meta"):
             module = BUILDERS[name](configs[section_of[name]])
-        check_state_dict(module.state_dict(), sd, str(args.control if name == "control" and args.control
-                                                      else src), name)
+        source = args.control if name == "control" and args.control else src
+        check_state_dict(module.state_dict(), sd, str(source), name)
+    if fits:
+        raise WeightsError(f"{args.control or src}: the control branch does not fit the UNet "
+                           f"(differs in {', '.join(fits)})")
     save(args.out_dir, configs, parts, tok)
     return sorted(parts)
 

@@ -1,0 +1,863 @@
+"""python -m minibldm.train: train one part of a minibldm model, with resume and torchrun.
+
+AdaBLDM (Li et al. 2024, arXiv 2402.19330; docs/ADABLDM.md "Training the trimap branch"). Stages:
+
+  control      the trimap branch: ζ (`input_hint_block`) and the trimap encoder ε̂_tri, on pairs
+               made on the fly from one category (crop of a real defect, random affine, pasted
+               inside F; data.PairDataset). Loss ‖ε − ε_θ(z_t, t, τ(y), ε̂_tri(z_t, ζ(Γ), t, τ("")))‖²:
+               as in the reference code the branch reads the empty prompt's embedding and the UNet
+               reads the prompt's ("a {object} with a {defect}", empty with p = 0.1). UNet,
+               autoencoder and text encoder are frozen. A branch missing from --weights starts as
+               ControlNet's does: a copy of the UNet's time embedding, input and middle blocks,
+               zero convs at zero. AdamW, lr 1e-5, betas (0.9, 0.999).
+  unet         the paper's domain stage: ε_θ alone on the category's good images and its k training
+               defect images, each with its prompt (data.GoodDataset); text encoder and
+               autoencoder frozen.
+  text         τ and ε_θ trained together through the same denoising loss, to build a model from
+               scratch. Without an image tower (CLIP's contrastive pretraining) the denoising loss
+               is the one signal a text encoder can learn from here, and joint training is how
+               the prompt words come to mean something to this UNet.
+  autoencoder  Ω and Φ on the good images: L1 reconstruction (--rec-loss l2 for MSE), plus for the
+               KL bottleneck ldm's KL term (weight 1e-6 against ldm's per-image pixel sums, here
+               divided like the reconstruction by the pixel count), or for VQ the codebook and
+               commitment loss (weight 1). ldm's LPIPS and GAN terms are left out: no
+               pretrained network is at hand.
+
+Diffusion stages draw t ~ U{0..999} and take z_0 = scale · (a posterior sample of Ω(x)); every
+random draw of a sample (t, ε, the posterior noise, the pair itself) is a function of (--seed,
+the sample's index in the run), so a run does not depend on how it was split across processes or
+restarts.
+
+Where the networks come from:
+  --weights DIR  a weights folder (config.json, <network>.safetensors, vocab.json + merges.txt). It
+                 may be partial (no control, or a previous run of the autoencoder stage).
+  --config FILE  a model config JSON (the config.json of a weights folder or of a run): networks
+                 that --weights lacks are built from it with seeded random weights. A network in
+                 both must have the same config in both.
+  The frozen networks of a stage must come from --weights (control: autoencoder, UNet, text
+  encoder; unet: autoencoder, text encoder; text: autoencoder). Without a tokenizer in --weights,
+  one is trained on the data's prompts (Tokenizer.train, the text config's vocab_size). A new
+  UNet gets ldm's zero init of its output convs. So a model is built from nothing by a chain of
+  runs, each reading the previous run folder:
+      train --stage autoencoder --config tiny.json --data A B ... --out runs/ae
+      train --stage text  --weights runs/ae   --data A B ... --out runs/text
+      train --stage control --weights runs/text --data A --out runs/control_A
+
+The run folder (--out) is a complete weights folder (`minibldm.load(RUN_DIR)` reads it):
+  config.json             the model config, "image_size", and "train": this run's settings
+  split.json              the few-shot split (data.load_or_make_split; split-<i>-<name>.json
+                          per category when --data names several), reused when the run resumes
+  <network>.safetensors   the trained networks as of the last checkpoint; the others hard-linked
+                          (else copied) from --weights, or their seeded random init. Only the
+                          control stage writes control.safetensors (the other stages change
+                          what a trimap branch was trained against); its metadata holds
+                          {"defects": JSON list, "defect_names": JSON object, "object": name}
+  vocab.json, merges.txt  the tokenizer
+  checkpoint.safetensors  the trained networks, AdamW's state per parameter ("adamw/<net>.<param>/
+                          exp_avg" ...), and in its metadata the step, the settings and the
+                          fp16 loss scale. No pickle. Written atomically every --checkpoint-every
+                          steps and at the end.
+  loss.csv                step,loss (the mean over all processes); loss.png at the end
+Re-running with the same --out continues from checkpoint.safetensors (to a larger --steps if
+given); on CPU the result is bit-for-bit that of an uninterrupted run. A run whose settings differ
+(other than --steps, --checkpoint-every, --device, --num-workers, --grad-checkpoint,
+--log-every, the path of an unchanged --config) is refused, naming the fields.
+
+Several GPUs or nodes: `torchrun --nproc_per_node N -m minibldm.train ...` (DDP; NCCL on GPUs,
+gloo on CPU). Every process reads the same files (a shared file system across nodes); process r of
+W takes samples r·B/W ... (r+1)·B/W − 1 of each global batch of B, so the data do not depend on W;
+process 0 writes. Progress goes to stderr. Bad input is one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .autoencoder import Autoencoder, ResnetBlock, kl_loss
+from .config import ModelConfig
+from .data import DataError, GoodDataset, PairDataset, default_prompt, load_or_make_split, read_category
+from .ddim import alphas_cumprod, q_sample
+from .io import WeightsError, load_into
+from .tokenizer import Tokenizer
+from .unet import ResBlock, SpatialTransformer, TimestepEmbedSequential, UNet
+from .weights import BUILDERS, FILES, load_network, read_config, section
+
+STAGES = ("control", "unet", "text", "autoencoder")
+TRAINS = {"control": ("control",), "unet": ("unet",), "text": ("text_encoder", "unet"),
+          "autoencoder": ("autoencoder",)}  # networks each stage trains
+NEEDS = {"control": ("autoencoder", "unet", "text_encoder"), "unet": ("autoencoder", "text_encoder"),
+         "text": ("autoencoder",), "autoencoder": ()}  # frozen networks it reads from --weights
+DEFAULT_LR = {"control": 1e-5, "unet": 1e-5, "text": 1e-4, "autoencoder": 1e-4}
+SECTION = {"autoencoder": "autoencoder", "unet": "unet", "text_encoder": "text", "control": "unet"}
+# Settings a resumed run may change; every other one must equal the checkpoint's.
+# (--config's path may change too: its content is compared as "model".)
+MAY_CHANGE = {"steps", "checkpoint_every", "device", "num_workers", "grad_checkpoint", "log_every",
+              "out", "config"}
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "minibldm.train/1"
+NUM_TIMESTEPS = 1000
+PROG = "python -m minibldm.train"
+
+
+class TrainError(Exception):
+    """Bad input or a failed run; the message is one line."""
+
+
+# ---- settings -------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Stages"):])
+    p.add_argument("--stage", required=True, choices=STAGES, help="what to train (see below)")
+    p.add_argument("--weights", help="weights folder to start from (may be partial)")
+    p.add_argument("--config", help="model config JSON for networks --weights lacks")
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR",
+                   help="a category folder (MVTec AD or plain layout); the unet, text and "
+                        "autoencoder stages accept several")
+    p.add_argument("--defect", nargs="+", metavar="NAME", help="defect folders to train on (default: all)")
+    p.add_argument("--out", required=True, help="run folder; an existing run there is continued")
+    p.add_argument("--steps", type=int, default=5000, help="optimizer steps in all (default 5000; "
+                   "the reference control run: 50,000 at batch 4)")
+    p.add_argument("--batch-size", type=int, default=4, help="global batch size (reference: 4)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: 1e-5 for control and "
+                   "unet, 1e-4 for text and autoencoder, which start from scratch)")
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"))
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (torch default)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the data, the noise and new networks")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--size", type=int, default=256, help="image side the model trains at")
+    p.add_argument("--k", type=int, default=10, help="real defect images per type for training")
+    p.add_argument("--p-empty-prompt", type=float, default=0.1, help="probability of the empty prompt")
+    p.add_argument("--object", help="object name for the prompts (default: meta.json or the folder name)")
+    p.add_argument("--texture", action="store_true", help="a surface: the foreground is the whole image")
+    p.add_argument("--translate-only", action="store_true",
+                   help="control pairs: paste defects without rotation or scaling")
+    p.add_argument("--rec-loss", choices=("l1", "l2"), default="l1", help="autoencoder reconstruction loss")
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="autoencoder KL weight (ldm: 1e-6)")
+    p.add_argument("--codebook-weight", type=float, default=1.0, help="VQ codebook loss weight (ldm: 1)")
+    p.add_argument("--checkpoint-every", type=int, default=500, metavar="K",
+                   help="write checkpoint.safetensors every K steps (and at the end)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute block activations in the backward pass (saves memory)")
+    p.add_argument("--autocast", choices=("bf16", "fp16"), help="mixed precision (GPU); default float32")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.stage]
+    return args
+
+
+def settings(args: argparse.Namespace, cfg: ModelConfig) -> dict:
+    """The run's settings as JSON values: the arguments, paths made absolute, and the model."""
+    s = {k: v for k, v in vars(args).items()}
+    for k in ("weights", "config", "out"):
+        s[k] = str(Path(s[k]).resolve()) if s[k] is not None else None
+    s["data"] = [str(Path(d).resolve()) for d in args.data]
+    s["betas"] = list(args.betas)
+    s["model"] = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(s))
+
+
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Names of the fields whose values differ, nested ones as `model.unet.model_channels`."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += differences(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}")
+    return out
+
+
+# ---- networks -------------------------------------------------------------------------------
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from any values, e.g. (seed, "noise", i): independent streams per purpose."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def model_config(args) -> tuple[ModelConfig, dict[str, str]]:
+    """The model config, and where each network comes from: "weights" or "new"."""
+    wdir = Path(args.weights) if args.weights else None
+    if wdir is not None and not wdir.is_dir():
+        raise TrainError(f"--weights {wdir}: no such folder")
+    raw = read_config(wdir) if wdir is not None else None
+    given = None
+    if args.config:
+        try:
+            given = ModelConfig.from_dict(json.loads(Path(args.config).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise TrainError(f"--config {args.config}: not a readable model config ({e})") from None
+    if raw is None and given is None:
+        raise TrainError("pass --weights DIR, --config FILE.json, or both")
+    sections, sources = {}, {}
+    for name in ("autoencoder", "unet", "text_encoder", "control"):
+        key = SECTION[name]
+        in_weights = wdir is not None and (wdir / FILES[name]).is_file()
+        sources[name] = "weights" if in_weights else "new"
+        from_weights = section(raw, name, str(wdir / "config.json")) if raw and key in raw else None
+        if in_weights and from_weights is None:
+            raise TrainError(f"{wdir / 'config.json'}: no '{key}' section for {FILES[name]}")
+        if in_weights and given is not None and getattr(given, key) != from_weights:
+            diff = differences(dataclasses.asdict(getattr(given, key)), dataclasses.asdict(from_weights))
+            raise TrainError(f"--config {args.config} and --weights {wdir} disagree on the {key} "
+                             f"config ({', '.join(diff)})")
+        chosen = from_weights if in_weights or given is None else getattr(given, key)
+        if chosen is None:
+            raise TrainError(f"no config for the {key} network: pass --config FILE.json")
+        sections.setdefault(key, chosen)
+    cfg = ModelConfig(sections["autoencoder"], sections["unet"], sections["text"])
+    for name in NEEDS[args.stage]:
+        if sources[name] != "weights":
+            where = f"--weights {wdir}" if wdir else "no --weights"
+            raise TrainError(f"the {args.stage} stage trains on a frozen {name.replace('_', ' ')}, "
+                             f"but {where} has no {FILES[name]}")
+    if cfg.unet.context_dim != cfg.text.hidden_size:
+        raise TrainError(f"the UNet's context_dim ({cfg.unet.context_dim}) differs from the text "
+                         f"encoder's hidden_size ({cfg.text.hidden_size})")
+    if cfg.unet.in_channels != cfg.autoencoder.embed_dim:
+        raise TrainError(f"the UNet reads {cfg.unet.in_channels} latent channels but the "
+                         f"autoencoder makes {cfg.autoencoder.embed_dim}")
+    factor = 2 ** (len(cfg.autoencoder.ch_mult) - 1) * 2 ** (len(cfg.unet.channel_mult) - 1)
+    if args.size % factor:
+        raise TrainError(f"--size {args.size}: must be a multiple of {factor} for this model")
+    return cfg, sources
+
+
+@torch.no_grad()
+def zero_init_unet(unet: UNet) -> UNet:
+    """ldm's openaimodel zero-initialises each ResBlock's last conv, each transformer's proj_out
+    and the output conv, so a new UNet starts as a sum of identities that predicts 0."""
+    for m in unet.modules():
+        if isinstance(m, ResBlock):
+            nn.init.zeros_(m.out_layers[3].weight), nn.init.zeros_(m.out_layers[3].bias)
+        elif isinstance(m, SpatialTransformer):
+            nn.init.zeros_(m.proj_out.weight), nn.init.zeros_(m.proj_out.bias)
+    nn.init.zeros_(unet.out[2].weight), nn.init.zeros_(unet.out[2].bias)
+    return unet
+
+
+def new_network(name: str, cfg, seed: int) -> nn.Module:
+    """Network `name` with random weights drawn from (seed, name), without touching the global
+    RNG. Token and position embeddings get CLIP's N(0, 0.02²) instead of torch's N(0, 1)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed(seed, "init", name))
+        net = BUILDERS[name](cfg)
+        for m in net.modules():
+            if isinstance(m, nn.Embedding) and name == "text_encoder":
+                nn.init.normal_(m.weight, std=0.02)
+    return zero_init_unet(net) if name == "unet" else net
+
+
+def build_networks(args, cfg: ModelConfig, sources: dict[str, str]) -> dict[str, nn.Module]:
+    """Every network of the model on the CPU: from --weights, or new. A new control branch is
+    copied from the UNet (ControlNet's init); new networks are seeded by --seed."""
+    nets = {}
+    for name in ("autoencoder", "unet", "text_encoder"):
+        c = getattr(cfg, SECTION[name])
+        if sources[name] == "weights":
+            nets[name] = load_network(name, c, Path(args.weights) / FILES[name])
+        else:
+            nets[name] = new_network(name, c, args.seed)
+    if args.stage == "control":
+        if sources["control"] == "weights":
+            nets["control"] = load_network("control", cfg.unet, Path(args.weights) / FILES["control"])
+        else:
+            nets["control"] = new_network("control", cfg.unet, args.seed).copy_from_unet(nets["unet"])
+    for name, net in nets.items():
+        trained = name in TRAINS[args.stage]
+        net.train(trained).requires_grad_(trained)
+    return nets
+
+
+def get_tokenizer(args, cfg: ModelConfig, prompts: list[str]) -> tuple[Tokenizer, str]:
+    """The tokenizer of --weights, else one trained on `prompts`; and where it came from."""
+    n = cfg.text.max_position_embeddings
+    if args.weights and (Path(args.weights) / "vocab.json").is_file():
+        tok, source = Tokenizer.from_file(args.weights, max_length=n), "weights"
+    else:
+        tok, source = Tokenizer.train(sorted(set(prompts)), cfg.text.vocab_size, max_length=n), "trained"
+    if tok.vocab_size > cfg.text.vocab_size:
+        raise TrainError(f"the tokenizer has {tok.vocab_size} tokens but the text encoder's "
+                         f"vocab_size is {cfg.text.vocab_size}")
+    return tok, source
+
+
+def enable_grad_checkpointing(module: nn.Module) -> None:
+    """Recompute each UNet / control block and autoencoder ResnetBlock in the backward pass.
+    torch's checkpoint wrapper keeps state_dict() keys unchanged."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing)
+    apply_activation_checkpointing(
+        module, check_fn=lambda m: isinstance(m, (TimestepEmbedSequential, ResnetBlock)))
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+class ShuffledImages(torch.utils.data.Dataset):
+    """Sample i of a run over the images of one or more GoodDatasets: epoch e = i // N visits
+    all N images in a permutation drawn from (seed, e), and item e·n + j of a dataset of n images
+    gives image j with epoch e's own flips and empty-prompt draw."""
+
+    def __init__(self, datasets: list[GoodDataset], seed: int):
+        self.datasets, self.seed = datasets, seed
+        self.owner = [(d, j) for d, ds in enumerate(datasets) for j in range(len(ds.items))]
+        self._perm = (None, None)
+
+    def __len__(self) -> int:
+        return 2 ** 62  # the run's length is its step count; items exist for any index
+
+    def __getitem__(self, i: int) -> dict:
+        epoch, r = divmod(i, len(self.owner))
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(derived_seed(self.seed, "epoch", epoch))
+            self._perm = (epoch, torch.randperm(len(self.owner), generator=g).tolist())
+        d, j = self.owner[self._perm[1][r]]
+        return self.datasets[d][epoch * len(self.datasets[d].items) + j]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Per step from `start` to `steps`, this process's share of the global batch: sample indices
+    s·B + rank·b ... s·B + rank·b + b − 1 with b = B / world."""
+
+    def __init__(self, start: int, steps: int, batch: int, rank: int, world: int):
+        self.start, self.steps, self.batch, self.rank, self.world = start, steps, batch, rank, world
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __iter__(self):
+        b = self.batch // self.world
+        for s in range(self.start, self.steps):
+            first = s * self.batch + self.rank * b
+            yield list(range(first, first + b))
+
+
+def collate(items: list[dict]) -> dict:
+    out = {"image": torch.stack([it["image"] for it in items]),
+           "prompt": [it["prompt"] for it in items]}
+    if "hint" in items[0]:
+        out["hint"] = torch.stack([it["hint"] for it in items])
+    return out
+
+
+def split_path(out: Path, categories: list, i: int) -> Path:
+    if len(categories) == 1:
+        return out / "split.json"
+    return out / f"split-{i}-{categories[i].root.resolve().name}.json"
+
+
+def read_data(args, out: Path, rank: int, world: int, log) -> tuple[list, list[dict]]:
+    """The categories and their few-shot splits (made by process 0, read by the others)."""
+    if args.stage == "control" and len(args.data) > 1:
+        raise TrainError("the control stage trains one category: give one --data folder")
+    cats = [read_category(d, texture=True if args.texture else None, object_name=args.object)
+            for d in args.data]
+    if args.defect:
+        for c in cats:
+            unknown = [d for d in args.defect if d not in c.defects]
+            if unknown:
+                raise TrainError(f"{c.root}: no defect type {', '.join(map(repr, unknown))} with "
+                                 f"images and masks (has: {', '.join(c.defects) or 'none'})")
+    if args.stage == "control" and not cats[0].defects:
+        raise TrainError(f"{cats[0].root}: no defect images with masks to train the trimap branch on")
+    splits = []
+    for turn in ((0,) if world == 1 else (0, 1)):
+        if (rank == 0) == (turn == 0):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the short types are reported below, once
+                splits = [load_or_make_split(split_path(out, cats, i), c, args.k, args.seed)
+                          for i, c in enumerate(cats)]
+        if world > 1:
+            dist.barrier()
+    for c, s in zip(cats, splits):
+        wanted = args.defect or sorted(s["defects"])
+        for d in wanted:
+            if d in s["short"]:
+                log(f"note: {c.root.name}/{d} has {s['short'][d]} real defect images, fewer than "
+                    f"k={args.k}; training on all {s['short'][d]} (none is left for evaluation)")
+    return cats, splits
+
+
+def make_dataset(args, cats: list, splits: list[dict]) -> torch.utils.data.Dataset:
+    if args.stage == "control":
+        return PairDataset(cats[0], splits[0], size=args.size, defects=args.defect,
+                           p_empty_prompt=args.p_empty_prompt, seed=args.seed,
+                           length=args.steps * args.batch_size, translate_only=args.translate_only)
+    goods = []
+    for c, s in zip(cats, splits):
+        if args.defect:
+            s = {**s, "defects": {d: s["defects"][d] for d in args.defect if d in s["defects"]}}
+        goods.append(GoodDataset(c, size=args.size, seed=args.seed, split=s,
+                                 p_empty_prompt=args.p_empty_prompt))
+    return ShuffledImages(goods, args.seed)
+
+
+def all_prompts(cats: list) -> list[str]:
+    """Every prompt the datasets can give, for training a tokenizer."""
+    out = [""]
+    for c in cats:
+        out.append(default_prompt(c.object_name, None))
+        out += [default_prompt(c.object_name, c.defect_names.get(d, d)) for d in c.defects]
+    return out
+
+
+# ---- losses ---------------------------------------------------------------------------------
+
+def sample_draws(seed: int, indices: list[int], latent_shape: tuple[int, ...]):
+    """Per sample i: t ~ U{0..999}, the noise ε and the posterior noise, from (seed, i) alone."""
+    ts, eps, post = [], [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(derived_seed(seed, "noise", i))
+        ts.append(torch.randint(0, NUM_TIMESTEPS, (), generator=g))
+        eps.append(torch.randn(latent_shape, generator=g))
+        post.append(torch.randn(latent_shape, generator=g))
+    return torch.stack(ts), torch.stack(eps), torch.stack(post)
+
+
+def encode_latent(autoencoder: Autoencoder, image: torch.Tensor,
+                  posterior_noise: torch.Tensor) -> torch.Tensor:
+    """z_0 = scale · (mean + std · noise), a posterior sample (Autoencoder.encode with a
+    generator, with the noise given); VQ: the deterministic pre-quantisation latent."""
+    if autoencoder.cfg.is_vq:
+        return autoencoder.encode(image)
+    mean, logvar = autoencoder.moments(image)
+    return autoencoder.cfg.scale_factor * (mean + torch.exp(0.5 * logvar) * posterior_noise)
+
+
+def denoising_loss(unet, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                   context: torch.Tensor, schedule: torch.Tensor, control=None,
+                   hint: torch.Tensor | None = None,
+                   control_context: torch.Tensor | None = None) -> torch.Tensor:
+    """‖ε − ε_θ(z_t, t, context, control residuals)‖², the mean over all elements (ldm's l2).
+    t (B,) on the CPU (the schedule's device); with `control` the residuals of
+    control(z_t, hint, t, control_context) are added to the UNet's skips."""
+    z_t = q_sample(z0, t, noise, schedule)
+    t = t.to(z0.device)
+    residuals = control(z_t, hint, t, control_context) if control is not None else None
+    eps = unet(z_t, t, context, control=residuals)
+    return F.mse_loss(eps.float(), noise.float())
+
+
+class AutoencoderLoss(nn.Module):
+    """Reconstruction plus the bottleneck's term, as one forward (so DDP can wrap it)."""
+
+    def __init__(self, autoencoder: Autoencoder, rec_loss: str, kl_weight: float,
+                 codebook_weight: float):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.rec_loss, self.kl_weight, self.codebook_weight = rec_loss, kl_weight, codebook_weight
+
+    def forward(self, image: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
+        ae = self.autoencoder
+        if ae.cfg.is_vq:
+            z, reg, _ = ae.quantize(ae.quant_conv(ae.encoder(image)))
+            reg = self.codebook_weight * reg
+        else:
+            mean, logvar = ae.moments(image)
+            z = mean + torch.exp(0.5 * logvar) * posterior_noise
+            # ldm: sum over pixels / B for both terms; here both are divided by C·H·W as well
+            reg = self.kl_weight * kl_loss(mean.float(), logvar.float()).mean() / image[0].numel()
+        rec = ae.decoder(ae.post_quant_conv(z)).float()
+        diff = rec - image.float()
+        return (diff.abs() if self.rec_loss == "l1" else diff.square()).mean() + reg
+
+
+class PromptCache:
+    """τ(prompt) of a frozen text encoder, computed once per prompt, each prompt alone (so the
+    values never depend on which prompts share a batch)."""
+
+    def __init__(self, text_encoder, tokenizer: Tokenizer, device: torch.device):
+        self.text_encoder, self.tokenizer, self.device, self.cache = text_encoder, tokenizer, device, {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        for p in prompts:
+            if p not in self.cache:
+                self.cache[p] = self.text_encoder(self.tokenizer([p]).to(self.device))[0]
+        return torch.stack([self.cache[p] for p in prompts])  # (B, 77, context_dim)
+
+
+# ---- checkpoint and outputs -----------------------------------------------------------------
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
+    """io.save_atomic with safetensors metadata: a temporary file, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(path: Path, step: int, nets: dict, named_params: list, optimizer,
+                    scaler, run: dict) -> None:
+    tensors = {f"net/{name}/{k}": v for name, net in nets.items() for k, v in net.state_dict().items()}
+    for pname, p in named_params:
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"adamw/{pname}/{key}"] = torch.as_tensor(value)
+    state = {"step": step, "scaler": scaler.state_dict() if scaler.is_enabled() else None, "run": run}
+    save_safetensors(tensors, path, {"format": CHECKPOINT_FORMAT, "state": json.dumps(state)})
+
+
+def read_checkpoint_state(path: Path) -> dict:
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise TrainError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+        return json.loads(meta["state"])
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise TrainError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it "
+                         "to start the run again") from None
+
+
+def load_checkpoint(path: Path, state: dict, nets: dict, named_params: list, optimizer, scaler) -> None:
+    tensors = load_file(str(path))
+    for name, net in nets.items():
+        prefix = f"net/{name}/"
+        load_into(net, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                  str(path), name)
+    index = {pname: i for i, (pname, _) in enumerate(named_params)}
+    opt_state = {}
+    for k, v in tensors.items():
+        if k.startswith("adamw/"):
+            pname, key = k[len("adamw/"):].rsplit("/", 1)
+            if pname not in index:
+                raise TrainError(f"{path}: optimizer state for an unknown parameter {pname}")
+            opt_state.setdefault(index[pname], {})[key] = v
+    optimizer.load_state_dict({"state": opt_state,
+                               "param_groups": optimizer.state_dict()["param_groups"]})
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+
+def place_file(src: Path, dst: Path) -> None:
+    """dst becomes src's content: a hard link where possible (no copy of GBs of frozen weights;
+    files are only ever replaced, never written in place), else a copy; atomically either way."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def control_metadata(cat, defects: list[str]) -> dict[str, str]:
+    return {"defects": json.dumps(defects), "object": cat.object_name,
+            "defect_names": json.dumps({d: cat.defect_names.get(d, d) for d in defects})}
+
+
+def write_trained(out: Path, nets: dict, stage: str, metadata: dict[str, str] | None) -> None:
+    for name in TRAINS[stage]:
+        save_safetensors(nets[name].state_dict(), out / FILES[name],
+                         metadata if name == "control" else None)
+
+
+def write_run_folder(out: Path, args, cfg: ModelConfig, run: dict, sources: dict, nets: dict,
+                     tokenizer: Tokenizer, tok_source: str) -> None:
+    """config.json, tokenizer, and every network this run does not train (linked or new)."""
+    out.mkdir(parents=True, exist_ok=True)
+    origin = {}
+    for name in ("autoencoder", "unet", "text_encoder", "control"):
+        if name == "control" and args.stage != "control":
+            continue  # a trimap branch fits the UNet and latents it was trained with; not carried
+        if name in TRAINS[args.stage]:
+            origin[name] = "trained" + (" (from --weights)" if sources[name] == "weights" else "")
+        elif sources[name] == "weights":
+            place_file(Path(args.weights) / FILES[name], out / FILES[name])
+            origin[name] = "linked from --weights"
+        elif name in nets:
+            save_safetensors(nets[name].state_dict(), out / FILES[name])
+            origin[name] = f"random init (seed {args.seed})"
+    tokenizer.save(out)
+    raw = {"autoencoder": dataclasses.asdict(cfg.autoencoder), "unet": dataclasses.asdict(cfg.unet),
+           "text": dataclasses.asdict(cfg.text), "image_size": args.size,
+           "train": {**run, "networks": origin, "tokenizer": tok_source}}
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(raw, indent=2) + "\n")
+    tmp.replace(out / "config.json")
+
+
+def read_loss_log(path: Path, upto: int) -> list[tuple[int, float]]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+    return [r for r in rows if r[0] <= upto]
+
+
+def draw_loss_curve(rows: list[tuple[int, float]], path: Path, title: str) -> None:
+    """The loss per step (grey) and its running mean (blue) on linear axes, drawn with PIL. The
+    y range stops at the 99th percentile so that early spikes do not flatten the rest."""
+    W, H, left, right, top, bottom = 720, 400, 72, 24, 34, 44
+    img = Image.new("RGB", (W, H), "white")
+    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+    d.text((left, 10), title, fill="black", font=font)
+    rows = [(s, v) for s, v in rows if math.isfinite(v)]
+    if len(rows) < 1:
+        d.text((left, H // 2), "no finite loss logged", fill="black", font=font)
+        img.save(path)
+        return
+    steps, vals = [s for s, _ in rows], [v for _, v in rows]
+    w = max(1, len(vals) // 50)
+    smooth = [sum(vals[max(0, i - w + 1):i + 1]) / len(vals[max(0, i - w + 1):i + 1])
+              for i in range(len(vals))]
+    lo, hi = min(vals), sorted(vals)[min(len(vals) - 1, int(0.99 * len(vals)))]
+    hi = hi if hi > lo else lo + 1e-12 + abs(lo) * 0.1
+    s0, s1 = min(steps[0], 0), max(steps[-1], 1)
+
+    def xy(s, v):
+        x = left + (s - s0) / (s1 - s0) * (W - left - right)
+        y = top + (hi - min(max(v, lo), hi)) / (hi - lo) * (H - top - bottom)
+        return x, y
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for k in range(5):
+        v = lo + (hi - lo) * k / 4
+        y = xy(s0, v)[1]
+        d.line([left - 4, y, left, y], fill="black")
+        d.text((4, y - 6), f"{v:.4g}", fill="black", font=font)
+        s = s0 + (s1 - s0) * k / 4
+        x = xy(s, lo)[0]
+        d.line([x, H - bottom, x, H - bottom + 4], fill="black")
+        d.text((x - 12, H - bottom + 8), f"{round(s)}", fill="black", font=font)
+    d.text(((W - 30) // 2, H - 16), "step", fill="black", font=font)
+    if len(rows) > 1:
+        d.line([xy(s, v) for s, v in rows], fill=(185, 185, 185), width=1)
+        d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(30, 80, 200), width=2)
+    else:
+        x, y = xy(*rows[0])
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(30, 80, 200))
+    img.save(path)
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {device_arg}: CUDA is not available here")
+        if device.index is None:
+            device = torch.device("cuda", local if world > 1 else 0)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def check_args(args) -> None:
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                             ("--k", args.k, 1), ("--checkpoint-every", args.checkpoint_every, 1),
+                             ("--size", args.size, 8), ("--num-workers", args.num_workers, 0),
+                             ("--log-every", args.log_every, 1)):
+        if value < low:
+            raise TrainError(f"{flag} must be at least {low}, got {value}")
+    if not 0 <= args.p_empty_prompt <= 1:
+        raise TrainError(f"--p-empty-prompt must be in [0, 1], got {args.p_empty_prompt}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise TrainError(f"--lr must be positive, got {args.lr}")
+
+
+def train(args) -> int:
+    check_args(args)
+    rank, world, device = setup_distributed(args.device)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
+    if args.batch_size % world:
+        raise TrainError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out}: exists and is not a folder")
+    cfg, sources = model_config(args)
+    run = settings(args, cfg)
+    ckpt = out / CHECKPOINT
+    state = read_checkpoint_state(ckpt) if ckpt.is_file() else None
+    if state is not None:
+        differ = [k for k in differences(state["run"], run) if k.split(".")[0] not in MAY_CHANGE]
+        if differ:
+            raise TrainError(f"--out {out}: holds a run with other settings ({', '.join(differ)}); "
+                             "use those settings or another --out")
+    cats, splits = read_data(args, out, rank, world, log)
+    dataset = make_dataset(args, cats, splits)
+    tokenizer, tok_source = get_tokenizer(args, cfg, all_prompts(cats))
+
+    nets = build_networks(args, cfg, sources)
+    trained = {name: nets[name] for name in TRAINS[args.stage]}
+    named_params = [(f"{name}.{k}", p) for name, net in trained.items()
+                    for k, p in net.named_parameters()]
+    optimizer = torch.optim.AdamW([p for _, p in named_params], lr=args.lr,
+                                  betas=tuple(args.betas), weight_decay=args.weight_decay)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.autocast == "fp16")
+    start = 0
+    if state is not None:
+        load_checkpoint(ckpt, state, trained, named_params, optimizer, scaler)
+        start = state["step"]
+    for net in nets.values():
+        net.to(device)
+    if args.grad_checkpoint:
+        for name in TRAINS[args.stage] + (("unet",) if args.stage == "control" else ()):
+            enable_grad_checkpointing(nets[name])
+
+    defects = list(args.defect or sorted(splits[0]["defects"]))
+    ctrl_meta = control_metadata(cats[0], defects) if args.stage == "control" else None
+    if rank == 0:
+        write_run_folder(out, args, cfg, run, sources, nets, tokenizer, tok_source)
+        if state is None:
+            write_trained(out, nets, args.stage, ctrl_meta)
+    loss_rows = read_loss_log(out / "loss.csv", start) if state is not None else []
+    if start >= args.steps:
+        log(f"{out}: already trained to step {start} (--steps {args.steps}); nothing to do")
+        if rank == 0:
+            draw_loss_curve(loss_rows, out / "loss.png", f"{args.stage} stage loss")
+        return 0
+
+    # the callables of the loss: DDP wrappers around the trained networks when distributed
+    def wrap(module):
+        if world == 1:
+            return module
+        return nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
+    ae_loss = None
+    if args.stage == "autoencoder":
+        ae_loss = wrap(AutoencoderLoss(nets["autoencoder"], args.rec_loss, args.kl_weight,
+                                       args.codebook_weight))
+    calls = {name: wrap(net) for name, net in trained.items()} if ae_loss is None else {}
+    prompts = None if args.stage == "text" else PromptCache(nets["text_encoder"], tokenizer, device)
+    schedule = alphas_cumprod(NUM_TIMESTEPS)
+    f = 2 ** (len(cfg.autoencoder.ch_mult) - 1)
+    latent_shape = (cfg.autoencoder.embed_dim, args.size // f, args.size // f)
+    local = args.batch_size // world
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    def step_loss(batch: dict, indices: list[int]) -> torch.Tensor:
+        t, noise, post = sample_draws(args.seed, indices, latent_shape)
+        image = batch["image"].to(device)
+        noise, post = noise.to(device), post.to(device)
+        if args.stage == "autoencoder":
+            return ae_loss(image, post)
+        with torch.no_grad():
+            z0 = encode_latent(nets["autoencoder"], image, post)
+        if args.stage == "text":
+            context = calls["text_encoder"](tokenizer(batch["prompt"]).to(device))
+        else:
+            context = prompts(batch["prompt"])
+        if args.stage == "control":
+            return denoising_loss(nets["unet"], z0, t, noise, context, schedule,
+                                  control=calls["control"], hint=batch["hint"].to(device),
+                                  control_context=prompts([""]).expand(len(indices), -1, -1))
+        return denoising_loss(calls["unet"], z0, t, noise, context, schedule)
+
+    last_checkpoint = start or None
+
+    def checkpoint(step: int) -> None:
+        nonlocal last_checkpoint
+        last_checkpoint = step
+        if rank == 0:
+            save_checkpoint(ckpt, step, trained, named_params, optimizer, scaler, run)
+            write_trained(out, nets, args.stage, ctrl_meta)
+            loss_file.flush()
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatches(start, args.steps, args.batch_size, rank, world),
+        collate_fn=collate, num_workers=args.num_workers)
+    loss_file = None
+    if rank == 0:
+        loss_file = (out / "loss.csv").open("w")
+        loss_file.write("step,loss\n" + "".join(f"{s},{v!r}\n" for s, v in loss_rows))
+    log(f"{args.stage} stage: {', '.join(TRAINS[args.stage])} "
+        f"({sum(p.numel() for _, p in named_params) / 1e6:.2f}M parameters), steps {start}..{args.steps}, "
+        f"batch {args.batch_size} on {world} x {device}, data {', '.join(c.root.name for c in cats)}")
+    t_last, s_last, recent = time.perf_counter(), start, []
+    try:
+        for step, batch in enumerate(loader, start):
+            indices = [step * args.batch_size + rank * local + j for j in range(local)]
+            with autocast:
+                loss = step_loss(batch, indices)
+            value = loss.detach().float().clone()
+            if world > 1:
+                dist.all_reduce(value)
+                value /= world
+            value = value.item()
+            if not math.isfinite(value):
+                kept = (f"the last checkpoint (step {last_checkpoint}) is kept" if last_checkpoint
+                        else "no checkpoint was written")
+                raise TrainError(f"non-finite loss ({value}) at step {step + 1}; stopped, {kept} in {out}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            done = step + 1
+            recent.append(value)
+            if loss_file is not None:
+                loss_file.write(f"{done},{value!r}\n")
+                loss_rows.append((done, value))
+            if done % args.log_every == 0 or done == args.steps or done == start + 1:
+                now = time.perf_counter()
+                rate = (done - s_last) / max(now - t_last, 1e-9)
+                left = (args.steps - done) / rate
+                log(f"step {done}/{args.steps}  loss {sum(recent) / len(recent):.5f}  "
+                    f"{rate:.2f} steps/s  left {int(left // 3600)}:{int(left % 3600 // 60):02d}:"
+                    f"{int(left % 60):02d}")
+                t_last, s_last, recent = now, done, []
+            if done % args.checkpoint_every == 0 or done == args.steps:
+                checkpoint(done)
+    finally:
+        if loss_file is not None:
+            loss_file.close()
+    if rank == 0:
+        draw_loss_curve(loss_rows, out / "loss.png", f"{args.stage} stage loss")
+        log(f"wrote {out}: {', '.join(FILES[n] for n in TRAINS[args.stage])}, {CHECKPOINT}, "
+            f"loss.csv, loss.png")
+    if world > 1:
+        dist.barrier()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (TrainError, DataError, WeightsError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
