@@ -297,7 +297,8 @@ def generate(args) -> int:
         hint = trimap(plan["mask"], plan["fg"])[None].to(dev, dt)
 
         def progress(i, t, z, x0):
-            log(f"\rimage {n + 1}/{len(plans)}: step {i + 1}/{stages.steps}", end="")
+            if (i + 1) % 10 == 0 or i + 1 == stages.steps:
+                log(f"\rimage {n + 1}/{len(plans)}: step {i + 1}/{stages.steps}", end="")
 
         with torch.no_grad():
             z_ok = m.autoencoder.encode(x_ok, g)
