@@ -90,6 +90,18 @@ def feathered(mask: torch.Tensor, radius: int = 3) -> torch.Tensor:
 
 # --- planning: everything that reads input happens before anything is written ---------------
 
+def marked_texture(images: Path) -> bool:
+    """Whether the category holding `images` marks itself a texture in its meta.json (as
+    minibldm.synth writes; looked for in the folder and the two above it, MVTec's train/good)."""
+    for folder in (images, images.parent, images.parent.parent):
+        if (folder / "meta.json").is_file():
+            try:
+                return bool(json.loads((folder / "meta.json").read_text()).get("texture", False))
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise UsageError(f"{folder / 'meta.json'}: not a JSON object") from None
+    return False
+
+
 def read_masks(folder: Path, size: int) -> tuple[list[torch.Tensor], list[Path], bool]:
     """The few-shot masks at model resolution, their files, and whether all were binary."""
     files = image_files(folder, "--defect-masks")
@@ -106,6 +118,7 @@ def plan_images(args, size: int) -> tuple[list[dict], list[str]]:
     notes = []
     goods = image_files(Path(args.images), "--images")
     fg_dir = Path(args.foreground) if args.foreground else None
+    texture = args.texture or (fg_dir is None and marked_texture(Path(args.images)))
     if args.exact_masks:
         masks, files, binary = read_masks(Path(args.exact_masks), size)
         jobs = [(k, f, m) for k, (f, m) in enumerate(zip(files, masks))][args.first:args.first + args.n]
@@ -125,7 +138,7 @@ def plan_images(args, size: int) -> tuple[list[dict], list[str]]:
             good = goods[int(torch.randint(len(goods), (1,), generator=g))]
         image = read_image(good)
         if good not in fg_cache:
-            fg = foreground_for(good, image, fg_dir=fg_dir, texture=args.texture)
+            fg = foreground_for(good, image, fg_dir=fg_dir, texture=texture)
             fg_cache[good] = mask_to_tensor(fg, size)
         fg = fg_cache[good]
         if exact is not None:

@@ -178,3 +178,21 @@ def test_no_arguments_without_bundled_weights_says_what_it_needs():
         pytest.skip("the bundled default model exists")
     r = subprocess.run([sys.executable, "-m", "minibldm.sample"], capture_output=True, text=True)
     assert r.returncode == 2 and "--weights" in r.stderr
+
+
+def test_bfloat16_runs(tmp_path, inputs):
+    r = run(inputs, tmp_path / "out", "--dtype", "bfloat16", n="1")
+    assert r.returncode == 0, r.stderr
+    assert len(files(tmp_path / "out")) == 2
+
+
+def test_texture_is_read_from_the_category_meta(tmp_path):
+    from minibldm.sample import UsageError, marked_texture
+    good = tmp_path / "fabric" / "train" / "good"
+    good.mkdir(parents=True)
+    assert not marked_texture(good)
+    (tmp_path / "fabric" / "meta.json").write_text(json.dumps({"object": "fabric", "texture": True}))
+    assert marked_texture(good)
+    (tmp_path / "fabric" / "meta.json").write_text("[1")
+    with pytest.raises(UsageError, match="meta.json"):
+        marked_texture(good)

@@ -173,7 +173,24 @@ def fuzz_strings(n, seed=0):
     return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))) for _ in range(n)]
 
 
-CORPUS = HANDWRITTEN + fuzz_strings(200)
+def prompt_strings(n, seed=1):
+    """Prompts as users of a defect generator write them: objects, defects, numbers, punctuation."""
+    objects = ["magnetic tile", "Metal Washer", "PILL", "woven fabric", "brushed-metal plate",
+               "bottle", "screw (M4)", "hazelnut", "PCB #3", "transistor"]
+    defects = ["crack", "Scratch", "hole", "stain", "rust spot", "black specks", "dent", "FRAY",
+               "uneven surface", "contamination"]
+    forms = ["a {o} with a {d}", "{o}, a {o} with a {d}", "A photo of a {o} with {k} {d}s!",
+             "{o}: {d} ({k} mm)", "close-up of {o}'s {d}, 4K", "{d}?? on the {o}...",
+             "the {o} isn't OK -- it's got a {d}", "{o}_{d}_{k}.png", "  {o}\t{d}\n", "{O} WITH A {D}"]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        o, d, f = rng.choice(objects), rng.choice(defects), rng.choice(forms)
+        out.append(f.format(o=o, d=d, O=o.upper(), D=d.upper(), k=rng.randint(0, 999)))
+    return out
+
+
+CORPUS = HANDWRITTEN + fuzz_strings(200) + prompt_strings(60)
 
 
 def fast_agrees_with_slow(text):
@@ -244,7 +261,7 @@ def test_same_ids_as_transformers_clip_tokenizer(tok, hf_folder):
     hf = transformers.CLIPTokenizer(vocab=str(hf_folder / "vocab.json"),
                                     merges=str(hf_folder / "merges.txt"), pad_token=END)
     texts = [t for t in CORPUS if fast_agrees_with_slow(t)]
-    assert len(texts) >= 150
+    assert len(texts) >= 200
     theirs = torch.tensor(hf(texts, padding="max_length", truncation=True,
                              max_length=77)["input_ids"])
     ours = tok(texts)
