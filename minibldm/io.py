@@ -96,15 +96,20 @@ def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
     return module
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Write a safetensors file through a temporary file, so a crash never leaves half a file."""
+def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path,
+                metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file (with optional string metadata) through a temporary file and a
+    rename, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a weights file is as readable as any other
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

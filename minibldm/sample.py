@@ -281,8 +281,8 @@ def generate(args) -> int:
             raise UsageError(f"--out {out}: holds a run with other settings ({', '.join(differ)}); "
                              "use another folder")
     plans, notes = plan_images(args, size)
-    for note in notes:
-        log(f"minibldm.sample: note: {note}")
+    for note in notes:  # said even with --quiet: they are about the user's data
+        print(f"minibldm.sample: note: {note}", file=sys.stderr)
 
     # -- from here on, OUT is written --
     out.mkdir(parents=True, exist_ok=True)

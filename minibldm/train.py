@@ -79,7 +79,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -90,13 +89,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .autoencoder import Autoencoder, ResnetBlock, kl_loss
 from .config import ModelConfig
 from .data import DataError, GoodDataset, PairDataset, default_prompt, load_or_make_split, read_category
 from .ddim import alphas_cumprod, q_sample
-from .io import WeightsError, load_into
+from .io import WeightsError, load_into, save_atomic
 from .tokenizer import Tokenizer
 from .unet import ResBlock, SpatialTransformer, TimestepEmbedSequential, UNet
 from .weights import BUILDERS, FILES, load_network, read_config, section
@@ -503,22 +502,6 @@ class PromptCache:
 
 # ---- checkpoint and outputs -----------------------------------------------------------------
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
-    """io.save_atomic with safetensors metadata: a temporary file, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_checkpoint(path: Path, step: int, nets: dict, named_params: list, optimizer,
                     scaler, run: dict) -> None:
     tensors = {f"net/{name}/{k}": v for name, net in nets.items() for k, v in net.state_dict().items()}
@@ -526,7 +509,7 @@ def save_checkpoint(path: Path, step: int, nets: dict, named_params: list, optim
         for key, value in optimizer.state.get(p, {}).items():
             tensors[f"adamw/{pname}/{key}"] = torch.as_tensor(value)
     state = {"step": step, "scaler": scaler.state_dict() if scaler.is_enabled() else None, "run": run}
-    save_safetensors(tensors, path, {"format": CHECKPOINT_FORMAT, "state": json.dumps(state)})
+    save_atomic(tensors, path, {"format": CHECKPOINT_FORMAT, "state": json.dumps(state)})
 
 
 def read_checkpoint_state(path: Path) -> dict:
@@ -581,7 +564,7 @@ def control_metadata(cat, defects: list[str]) -> dict[str, str]:
 
 def write_trained(out: Path, nets: dict, stage: str, metadata: dict[str, str] | None) -> None:
     for name in TRAINS[stage]:
-        save_safetensors(nets[name].state_dict(), out / FILES[name],
+        save_atomic(nets[name].state_dict(), out / FILES[name],
                          metadata if name == "control" else None)
 
 
@@ -599,7 +582,7 @@ def write_run_folder(out: Path, args, cfg: ModelConfig, run: dict, sources: dict
             place_file(Path(args.weights) / FILES[name], out / FILES[name])
             origin[name] = "linked from --weights"
         elif name in nets:
-            save_safetensors(nets[name].state_dict(), out / FILES[name])
+            save_atomic(nets[name].state_dict(), out / FILES[name])
             origin[name] = f"random init (seed {args.seed})"
     tokenizer.save(out)
     raw = {"autoencoder": dataclasses.asdict(cfg.autoencoder), "unet": dataclasses.asdict(cfg.unet),

@@ -196,3 +196,18 @@ def test_texture_is_read_from_the_category_meta(tmp_path):
     (tmp_path / "fabric" / "meta.json").write_text("[1")
     with pytest.raises(UsageError, match="meta.json"):
         marked_texture(good)
+
+
+def test_soft_masks_are_thresholded_and_said_once(tmp_path, inputs):
+    soft = tmp_path / "soft"
+    soft.mkdir()
+    for i in range(2):
+        m = np.zeros((80, 80), np.uint8)
+        m[30:40, 30:44] = 200
+        m[29, 30:44] = 90  # an anti-aliased edge
+        Image.fromarray(m).save(soft / f"{i}.png")
+    r = run(inputs, tmp_path / "out", "--defect-masks", soft, n="1")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("thresholded at 127") == 1
+    mask = np.asarray(Image.open(tmp_path / "out/ground_truth/crack/000_mask.png"))
+    assert set(np.unique(mask)) == {0, 255}
