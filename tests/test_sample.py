@@ -211,3 +211,18 @@ def test_soft_masks_are_thresholded_and_said_once(tmp_path, inputs):
     assert r.stderr.count("thresholded at 127") == 1
     mask = np.asarray(Image.open(tmp_path / "out/ground_truth/crack/000_mask.png"))
     assert set(np.unique(mask)) == {0, 255}
+
+
+def test_paste_background_copies_x_ok_outside_a_feathered_mask(tmp_path, inputs):
+    r = run(inputs, tmp_path / "out", "--paste-background", n="1")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    good = np.asarray(Image.open(record["source"]).convert("RGB").resize((64, 64), Image.BILINEAR))
+    img = np.asarray(Image.open(out / "test/crack/000.png"))
+    mask = np.asarray(Image.open(out / "ground_truth/crack/000_mask.png")) > 127
+    near = np.zeros_like(mask)  # the mask grown by the feather's reach (2 x radius 3)
+    for y, x in zip(*np.nonzero(mask)):
+        near[max(0, y - 6):y + 7, max(0, x - 6):x + 7] = True
+    assert (img[~near] == good[~near]).all()
+    assert np.abs(img[mask].astype(int) - good[mask]).mean() > 1  # the defect region is generated
