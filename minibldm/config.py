@@ -97,6 +97,17 @@ VQ_F4 = AutoencoderConfig(ch_mult=(1, 2, 4), attn_resolutions=(), z_channels=3, 
                           double_z=False, n_embed=8192, scale_factor=1.0)
 
 
+# The embedded default model's size (issue 5; not trained yet). Chosen by measurement on 2 CPU
+# cores so that the full default method fits the demo's time budget at 128x128: one decoder
+# adaptation step 57 ms (200 steps: 11 s an image), one guided UNet + trimap step 28 ms.
+TINY = ModelConfig(
+    autoencoder=AutoencoderConfig(ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, resolution=128,
+                                  norm_num_groups=8),
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1,
+                    attention_resolutions=(4, 2), num_heads=4, context_dim=128, norm_num_groups=16),
+    text=TextConfig(vocab_size=768, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                    num_attention_heads=4))
+
 # --- configs read off tensor shapes (CompVis key layout) ---------------------------------------
 # What shapes cannot tell follows the SD 1.x conventions and is a parameter: 8 UNet heads at every
 # level, 64-wide CLIP heads, 32 GroupNorm groups, the latent scale factor.
