@@ -97,9 +97,9 @@ VQ_F4 = AutoencoderConfig(ch_mult=(1, 2, 4), attn_resolutions=(), z_channels=3, 
                           double_z=False, n_embed=8192, scale_factor=1.0)
 
 
-# The embedded default model's size (issue 5; not trained yet). Chosen by measurement on 2 CPU
-# cores so that the full default method fits the demo's time budget at 128x128: one decoder
-# adaptation step 57 ms (200 steps: 11 s an image), one guided UNet + trimap step 28 ms.
+# The embedded default model's size (not trained yet). Chosen so that the full default method
+# (50 guided steps, 200 decoder-adaptation steps) fits the demo's time budget on 2 CPU cores at
+# 128x128; tools/measure_tiny_budget.py times both.
 TINY = ModelConfig(
     autoencoder=AutoencoderConfig(ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, resolution=128,
                                   norm_num_groups=8),

@@ -43,25 +43,7 @@ Where the networks come from:
       train --stage text  --weights runs/ae   --data A B ... --out runs/text
       train --stage control --weights runs/text --data A --out runs/control_A
 
-The run folder (--out) is a complete weights folder (`minibldm.load(RUN_DIR)` reads it):
-  config.json             the model config, "image_size", and "train": this run's settings
-  split.json              the few-shot split (data.load_or_make_split; split-<i>-<name>.json
-                          per category when --data names several), reused when the run resumes
-  <network>.safetensors   the trained networks as of the last checkpoint; the others hard-linked
-                          (else copied) from --weights, or their seeded random init. Only the
-                          control stage writes control.safetensors (the other stages change
-                          what a trimap branch was trained against); its metadata holds
-                          {"defects": JSON list, "defect_names": JSON object, "object": name}
-  vocab.json, merges.txt  the tokenizer
-  checkpoint.safetensors  the trained networks, AdamW's state per parameter ("adamw/<net>.<param>/
-                          exp_avg" ...), and in its metadata the step, the settings and the
-                          fp16 loss scale. No pickle. Written atomically every --checkpoint-every
-                          steps and at the end.
-  loss.csv                step,loss (the mean over all processes); loss.png at the end
-Re-running with the same --out continues from checkpoint.safetensors (to a larger --steps if
-given); on CPU the result is bit-for-bit that of an uninterrupted run. A run whose settings differ
-(other than --steps, --checkpoint-every, --device, --num-workers, --grad-checkpoint,
---log-every, the path of an unchanged --config) is refused, naming the fields.
+The run folder (--out), its checkpoint and resuming: see minibldm/runfolder.py.
 
 Several GPUs or nodes: `torchrun --nproc_per_node N -m minibldm.train ...` (DDP; NCCL on GPUs,
 gloo on CPU). Every process reads the same files (a shared file system across nodes); process r of
@@ -71,13 +53,11 @@ process 0 writes. Progress goes to stderr. Bad input is one line on stderr and e
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -87,15 +67,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
+from . import runfolder
 from .autoencoder import Autoencoder, ResnetBlock, kl_loss
 from .config import ModelConfig
 from .data import DataError, GoodDataset, PairDataset, default_prompt, load_or_make_split, read_category
 from .ddim import alphas_cumprod, q_sample
-from .io import WeightsError, load_into, save_atomic
+from .io import WeightsError
+from .runfolder import (CHECKPOINT, TrainError, control_metadata, draw_loss_curve, load_checkpoint,
+                        read_checkpoint_state, read_loss_log, save_checkpoint, write_run_folder,
+                        write_trained)
 from .tokenizer import Tokenizer
 from .unet import ResBlock, SpatialTransformer, TimestepEmbedSequential, UNet
 from .weights import BUILDERS, FILES, load_network, read_config, section
@@ -111,23 +92,24 @@ SECTION = {"autoencoder": "autoencoder", "unet": "unet", "text_encoder": "text",
 # (--config's path may change too: its content is compared as "model".)
 MAY_CHANGE = {"steps", "checkpoint_every", "device", "num_workers", "grad_checkpoint", "log_every",
               "out", "config"}
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_FORMAT = "minibldm.train/1"
 NUM_TIMESTEPS = 1000
 PROG = "python -m minibldm.train"
 
 
-class TrainError(Exception):
-    """Bad input or a failed run; the message is one line."""
-
-
 # ---- settings -------------------------------------------------------------------------------
+
+def usage_notes() -> str:
+    """--help's epilog: this docstring from "Stages" on, with the run folder spelled out
+    (runfolder's docstring in place of the line that points to it)."""
+    pointer = next(line for line in __doc__.splitlines() if "minibldm/runfolder.py" in line)
+    return __doc__[__doc__.index("Stages"):].replace(
+        pointer, runfolder.__doc__.split("\n\n", 1)[1].rstrip("\n"))
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__[__doc__.index("Stages"):])
+        description=__doc__.split("\n\n")[0], epilog=usage_notes())
     p.add_argument("--stage", required=True, choices=STAGES, help="what to train (see below)")
     p.add_argument("--weights", help="weights folder to start from (may be partial)")
     p.add_argument("--config", help="model config JSON for networks --weights lacks")
@@ -170,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace, cfg: ModelConfig) -> dict:
     """The run's settings as JSON values: the arguments, paths made absolute, and the model."""
-    s = {k: v for k, v in vars(args).items()}
+    s = dict(vars(args))
     for k in ("weights", "config", "out"):
         s[k] = str(Path(s[k]).resolve()) if s[k] is not None else None
     s["data"] = [str(Path(d).resolve()) for d in args.data]
@@ -500,151 +482,6 @@ class PromptCache:
         return torch.stack([self.cache[p] for p in prompts])  # (B, 77, context_dim)
 
 
-# ---- checkpoint and outputs -----------------------------------------------------------------
-
-def save_checkpoint(path: Path, step: int, nets: dict, named_params: list, optimizer,
-                    scaler, run: dict) -> None:
-    tensors = {f"net/{name}/{k}": v for name, net in nets.items() for k, v in net.state_dict().items()}
-    for pname, p in named_params:
-        for key, value in optimizer.state.get(p, {}).items():
-            tensors[f"adamw/{pname}/{key}"] = torch.as_tensor(value)
-    state = {"step": step, "scaler": scaler.state_dict() if scaler.is_enabled() else None, "run": run}
-    save_atomic(tensors, path, {"format": CHECKPOINT_FORMAT, "state": json.dumps(state)})
-
-
-def read_checkpoint_state(path: Path) -> dict:
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise TrainError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
-        return json.loads(meta["state"])
-    except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise TrainError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it "
-                         "to start the run again") from None
-
-
-def load_checkpoint(path: Path, state: dict, nets: dict, named_params: list, optimizer, scaler) -> None:
-    tensors = load_file(str(path))
-    for name, net in nets.items():
-        prefix = f"net/{name}/"
-        load_into(net, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                  str(path), name)
-    index = {pname: i for i, (pname, _) in enumerate(named_params)}
-    opt_state = {}
-    for k, v in tensors.items():
-        if k.startswith("adamw/"):
-            pname, key = k[len("adamw/"):].rsplit("/", 1)
-            if pname not in index:
-                raise TrainError(f"{path}: optimizer state for an unknown parameter {pname}")
-            opt_state.setdefault(index[pname], {})[key] = v
-    optimizer.load_state_dict({"state": opt_state,
-                               "param_groups": optimizer.state_dict()["param_groups"]})
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-
-
-def place_file(src: Path, dst: Path) -> None:
-    """dst becomes src's content: a hard link where possible (no copy of GBs of frozen weights;
-    files are only ever replaced, never written in place), else a copy; atomically either way."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def control_metadata(cat, defects: list[str]) -> dict[str, str]:
-    return {"defects": json.dumps(defects), "object": cat.object_name,
-            "defect_names": json.dumps({d: cat.defect_names.get(d, d) for d in defects})}
-
-
-def write_trained(out: Path, nets: dict, stage: str, metadata: dict[str, str] | None) -> None:
-    for name in TRAINS[stage]:
-        save_atomic(nets[name].state_dict(), out / FILES[name],
-                         metadata if name == "control" else None)
-
-
-def write_run_folder(out: Path, args, cfg: ModelConfig, run: dict, sources: dict, nets: dict,
-                     tokenizer: Tokenizer, tok_source: str) -> None:
-    """config.json, tokenizer, and every network this run does not train (linked or new)."""
-    out.mkdir(parents=True, exist_ok=True)
-    origin = {}
-    for name in ("autoencoder", "unet", "text_encoder", "control"):
-        if name == "control" and args.stage != "control":
-            continue  # a trimap branch fits the UNet and latents it was trained with; not carried
-        if name in TRAINS[args.stage]:
-            origin[name] = "trained" + (" (from --weights)" if sources[name] == "weights" else "")
-        elif sources[name] == "weights":
-            place_file(Path(args.weights) / FILES[name], out / FILES[name])
-            origin[name] = "linked from --weights"
-        elif name in nets:
-            save_atomic(nets[name].state_dict(), out / FILES[name])
-            origin[name] = f"random init (seed {args.seed})"
-    tokenizer.save(out)
-    raw = {"autoencoder": dataclasses.asdict(cfg.autoencoder), "unet": dataclasses.asdict(cfg.unet),
-           "text": dataclasses.asdict(cfg.text), "image_size": args.size,
-           "train": {**run, "networks": origin, "tokenizer": tok_source}}
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(raw, indent=2) + "\n")
-    tmp.replace(out / "config.json")
-
-
-def read_loss_log(path: Path, upto: int) -> list[tuple[int, float]]:
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
-    return [r for r in rows if r[0] <= upto]
-
-
-def draw_loss_curve(rows: list[tuple[int, float]], path: Path, title: str) -> None:
-    """The loss per step (grey) and its running mean (blue) on linear axes, drawn with PIL. The
-    y range stops at the 99th percentile so that early spikes do not flatten the rest."""
-    W, H, left, right, top, bottom = 720, 400, 72, 24, 34, 44
-    img = Image.new("RGB", (W, H), "white")
-    d, font = ImageDraw.Draw(img), ImageFont.load_default()
-    d.text((left, 10), title, fill="black", font=font)
-    rows = [(s, v) for s, v in rows if math.isfinite(v)]
-    if len(rows) < 1:
-        d.text((left, H // 2), "no finite loss logged", fill="black", font=font)
-        img.save(path)
-        return
-    steps, vals = [s for s, _ in rows], [v for _, v in rows]
-    w = max(1, len(vals) // 50)
-    smooth = [sum(vals[max(0, i - w + 1):i + 1]) / len(vals[max(0, i - w + 1):i + 1])
-              for i in range(len(vals))]
-    lo, hi = min(vals), sorted(vals)[min(len(vals) - 1, int(0.99 * len(vals)))]
-    hi = hi if hi > lo else lo + 1e-12 + abs(lo) * 0.1
-    s0, s1 = min(steps[0], 0), max(steps[-1], 1)
-
-    def xy(s, v):
-        x = left + (s - s0) / (s1 - s0) * (W - left - right)
-        y = top + (hi - min(max(v, lo), hi)) / (hi - lo) * (H - top - bottom)
-        return x, y
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
-        y = xy(s0, v)[1]
-        d.line([left - 4, y, left, y], fill="black")
-        d.text((4, y - 6), f"{v:.4g}", fill="black", font=font)
-        s = s0 + (s1 - s0) * k / 4
-        x = xy(s, lo)[0]
-        d.line([x, H - bottom, x, H - bottom + 4], fill="black")
-        d.text((x - 12, H - bottom + 8), f"{round(s)}", fill="black", font=font)
-    d.text(((W - 30) // 2, H - 16), "step", fill="black", font=font)
-    if len(rows) > 1:
-        d.line([xy(s, v) for s, v in rows], fill=(185, 185, 185), width=1)
-        d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(30, 80, 200), width=2)
-    else:
-        x, y = xy(*rows[0])
-        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(30, 80, 200))
-    img.save(path)
-
-
 # ---- the run --------------------------------------------------------------------------------
 
 def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
@@ -718,9 +555,10 @@ def train(args) -> int:
     defects = list(args.defect or sorted(splits[0]["defects"]))
     ctrl_meta = control_metadata(cats[0], defects) if args.stage == "control" else None
     if rank == 0:
-        write_run_folder(out, args, cfg, run, sources, nets, tokenizer, tok_source)
+        write_run_folder(out, args, cfg, run, sources, nets, TRAINS[args.stage], tokenizer,
+                         tok_source)
         if state is None:
-            write_trained(out, nets, args.stage, ctrl_meta)
+            write_trained(out, nets, TRAINS[args.stage], ctrl_meta)
     loss_rows = read_loss_log(out / "loss.csv", start) if state is not None else []
     if start >= args.steps:
         log(f"{out}: already trained to step {start} (--steps {args.steps}); nothing to do")
@@ -771,7 +609,7 @@ def train(args) -> int:
         last_checkpoint = step
         if rank == 0:
             save_checkpoint(ckpt, step, trained, named_params, optimizer, scaler, run)
-            write_trained(out, nets, args.stage, ctrl_meta)
+            write_trained(out, nets, TRAINS[args.stage], ctrl_meta)
             loss_file.flush()
 
     loader = torch.utils.data.DataLoader(

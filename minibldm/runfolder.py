@@ -1,0 +1,199 @@
+"""The run folder of `python -m minibldm.train`: its checkpoint, outputs and loss log.
+
+The run folder (--out) is a complete weights folder (`minibldm.load(RUN_DIR)` reads it):
+  config.json             the model config, "image_size", and "train": this run's settings
+  split.json              the few-shot split (data.load_or_make_split; split-<i>-<name>.json
+                          per category when --data names several), reused when the run resumes
+  <network>.safetensors   the trained networks as of the last checkpoint; the others hard-linked
+                          (else copied) from --weights, or their seeded random init. Only the
+                          control stage writes control.safetensors (the other stages change
+                          what a trimap branch was trained against); its metadata holds
+                          {"defects": JSON list, "defect_names": JSON object, "object": name}
+  vocab.json, merges.txt  the tokenizer
+  checkpoint.safetensors  the trained networks, AdamW's state per parameter ("adamw/<net>.<param>/
+                          exp_avg" ...), and in its metadata the step, the settings and the
+                          fp16 loss scale. No pickle. Written atomically every --checkpoint-every
+                          steps and at the end.
+  loss.csv                step,loss (the mean over all processes); loss.png at the end
+Re-running with the same --out continues from checkpoint.safetensors (to a larger --steps if
+given); on CPU the result is bit-for-bit that of an uninterrupted run. A run whose settings differ
+(other than --steps, --checkpoint-every, --device, --num-workers, --grad-checkpoint,
+--log-every, the path of an unchanged --config) is refused, naming the fields.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from .config import ModelConfig
+from .io import load_into, save_atomic
+from .tokenizer import Tokenizer
+from .weights import FILES
+
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "minibldm.train/1"
+
+
+class TrainError(Exception):
+    """Bad input or a failed run; the message is one line."""
+
+
+# ---- checkpoint -----------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, step: int, nets: dict, named_params: list, optimizer,
+                    scaler, run: dict) -> None:
+    tensors = {f"net/{name}/{k}": v for name, net in nets.items() for k, v in net.state_dict().items()}
+    for pname, p in named_params:
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"adamw/{pname}/{key}"] = torch.as_tensor(value)
+    state = {"step": step, "scaler": scaler.state_dict() if scaler.is_enabled() else None, "run": run}
+    save_atomic(tensors, path, {"format": CHECKPOINT_FORMAT, "state": json.dumps(state)})
+
+
+def read_checkpoint_state(path: Path) -> dict:
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise TrainError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+        return json.loads(meta["state"])
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise TrainError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it "
+                         "to start the run again") from None
+
+
+def load_checkpoint(path: Path, state: dict, nets: dict, named_params: list, optimizer, scaler) -> None:
+    tensors = load_file(str(path))
+    for name, net in nets.items():
+        prefix = f"net/{name}/"
+        load_into(net, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                  str(path), name)
+    index = {pname: i for i, (pname, _) in enumerate(named_params)}
+    opt_state = {}
+    for k, v in tensors.items():
+        if k.startswith("adamw/"):
+            pname, key = k[len("adamw/"):].rsplit("/", 1)
+            if pname not in index:
+                raise TrainError(f"{path}: optimizer state for an unknown parameter {pname}")
+            opt_state.setdefault(index[pname], {})[key] = v
+    optimizer.load_state_dict({"state": opt_state,
+                               "param_groups": optimizer.state_dict()["param_groups"]})
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+
+# ---- weights folder -------------------------------------------------------------------------
+
+def place_file(src: Path, dst: Path) -> None:
+    """dst becomes src's content: a hard link where possible (no copy of GBs of frozen weights;
+    files are only ever replaced, never written in place), else a copy; atomically either way."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def control_metadata(cat, defects: list[str]) -> dict[str, str]:
+    return {"defects": json.dumps(defects), "object": cat.object_name,
+            "defect_names": json.dumps({d: cat.defect_names.get(d, d) for d in defects})}
+
+
+def write_trained(out: Path, nets: dict, trained: tuple[str, ...],
+                  metadata: dict[str, str] | None) -> None:
+    """The networks named in `trained`, as they are now; control.safetensors with `metadata`."""
+    for name in trained:
+        save_atomic(nets[name].state_dict(), out / FILES[name],
+                    metadata if name == "control" else None)
+
+
+def write_run_folder(out: Path, args, cfg: ModelConfig, run: dict, sources: dict, nets: dict,
+                     trained: tuple[str, ...], tokenizer: Tokenizer, tok_source: str) -> None:
+    """config.json, tokenizer, and every network this run does not train (linked or new)."""
+    out.mkdir(parents=True, exist_ok=True)
+    origin = {}
+    for name in ("autoencoder", "unet", "text_encoder", "control"):
+        if name == "control" and args.stage != "control":
+            continue  # a trimap branch fits the UNet and latents it was trained with; not carried
+        if name in trained:
+            origin[name] = "trained" + (" (from --weights)" if sources[name] == "weights" else "")
+        elif sources[name] == "weights":
+            place_file(Path(args.weights) / FILES[name], out / FILES[name])
+            origin[name] = "linked from --weights"
+        elif name in nets:
+            save_atomic(nets[name].state_dict(), out / FILES[name])
+            origin[name] = f"random init (seed {args.seed})"
+    tokenizer.save(out)
+    raw = {"autoencoder": dataclasses.asdict(cfg.autoencoder), "unet": dataclasses.asdict(cfg.unet),
+           "text": dataclasses.asdict(cfg.text), "image_size": args.size,
+           "train": {**run, "networks": origin, "tokenizer": tok_source}}
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(raw, indent=2) + "\n")
+    tmp.replace(out / "config.json")
+
+
+# ---- loss log -------------------------------------------------------------------------------
+
+def read_loss_log(path: Path, upto: int) -> list[tuple[int, float]]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+    return [r for r in rows if r[0] <= upto]
+
+
+def draw_loss_curve(rows: list[tuple[int, float]], path: Path, title: str) -> None:
+    """The loss per step (grey) and its running mean (blue) on linear axes, drawn with PIL. The
+    y range stops at the 99th percentile so that early spikes do not flatten the rest."""
+    W, H, left, right, top, bottom = 720, 400, 72, 24, 34, 44
+    img = Image.new("RGB", (W, H), "white")
+    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+    d.text((left, 10), title, fill="black", font=font)
+    rows = [(s, v) for s, v in rows if math.isfinite(v)]
+    if len(rows) < 1:
+        d.text((left, H // 2), "no finite loss logged", fill="black", font=font)
+        img.save(path)
+        return
+    steps, vals = [s for s, _ in rows], [v for _, v in rows]
+    w = max(1, len(vals) // 50)
+    smooth = [sum(vals[max(0, i - w + 1):i + 1]) / len(vals[max(0, i - w + 1):i + 1])
+              for i in range(len(vals))]
+    lo, hi = min(vals), sorted(vals)[min(len(vals) - 1, int(0.99 * len(vals)))]
+    hi = hi if hi > lo else lo + 1e-12 + abs(lo) * 0.1
+    s0, s1 = min(steps[0], 0), max(steps[-1], 1)
+
+    def xy(s, v):
+        x = left + (s - s0) / (s1 - s0) * (W - left - right)
+        y = top + (hi - min(max(v, lo), hi)) / (hi - lo) * (H - top - bottom)
+        return x, y
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for k in range(5):
+        v = lo + (hi - lo) * k / 4
+        y = xy(s0, v)[1]
+        d.line([left - 4, y, left, y], fill="black")
+        d.text((4, y - 6), f"{v:.4g}", fill="black", font=font)
+        s = s0 + (s1 - s0) * k / 4
+        x = xy(s, lo)[0]
+        d.line([x, H - bottom, x, H - bottom + 4], fill="black")
+        d.text((x - 12, H - bottom + 8), f"{round(s)}", fill="black", font=font)
+    d.text(((W - 30) // 2, H - 16), "step", fill="black", font=font)
+    if len(rows) > 1:
+        d.line([xy(s, v) for s, v in rows], fill=(185, 185, 185), width=1)
+        d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(30, 80, 200), width=2)
+    else:
+        x, y = xy(*rows[0])
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(30, 80, 200))
+    img.save(path)
