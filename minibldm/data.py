@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from . import masks
+from .io import write_text_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -289,11 +288,7 @@ def load_or_make_split(path: str | Path, category: Category, k: int = 10, seed: 
                                 f"{category.root}; delete the file to make a new split")
         return split
     split = make_split(category, k, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(split, f, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(split, indent=1))
     return split
 
 

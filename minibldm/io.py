@@ -7,6 +7,7 @@ object that is not a tensor or a plain container.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -96,10 +97,10 @@ def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
     return module
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path,
-                metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file (with optional string metadata) through a temporary file and a
-    rename, so a crash never leaves half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; when the block succeeds it is renamed to `path`,
+    otherwise removed. Readers never see half a file, and a crash leaves none behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -108,9 +109,21 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path,
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata=metadata)
+        yield Path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path,
+                metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file (with optional string metadata) atomically."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata=metadata)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+
+from .io import atomic_path
 
 ROTATION = (0.0, 360.0)  # degrees, paper
 SCALE = (0.85, 1.15)  # paper
@@ -273,15 +274,8 @@ def foreground_for(image_path: str | Path, image: np.ndarray | None = None,
         pass
     fg = estimate_foreground(image)
     try:  # write through a temporary file, so readers never see half a PNG
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".png.tmp")
-        os.close(fd)
-        try:
+        with atomic_path(cached) as tmp:
             Image.fromarray((fg.numpy() * 255).astype(np.uint8)).save(tmp, format="PNG")
-            os.replace(tmp, cached)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     except OSError:  # a read-only cache only costs the recomputation
         pass
     return fg

@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .config import ModelConfig
-from .io import load_into, save_atomic
+from .io import load_into, save_atomic, write_text_atomic
 from .tokenizer import Tokenizer
 from .weights import FILES
 
@@ -140,9 +140,7 @@ def write_run_folder(out: Path, args, cfg: ModelConfig, run: dict, sources: dict
     raw = {"autoencoder": dataclasses.asdict(cfg.autoencoder), "unet": dataclasses.asdict(cfg.unet),
            "text": dataclasses.asdict(cfg.text), "image_size": args.size,
            "train": {**run, "networks": origin, "tokenizer": tok_source}}
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(raw, indent=2) + "\n")
-    tmp.replace(out / "config.json")
+    write_text_atomic(out / "config.json", json.dumps(raw, indent=2) + "\n")
 
 
 # ---- loss log -------------------------------------------------------------------------------

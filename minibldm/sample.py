@@ -35,7 +35,7 @@ from safetensors import safe_open
 from .adapt import adapt_decoder
 from .data import DataError, mask_to_tensor, read_image, read_mask, to_tensor
 from .ddim import alphas_cumprod
-from .io import WeightsError
+from .io import WeightsError, atomic_path
 from .masks import PlacementError, foreground_for, sample_defect_mask, trimap
 from .sampler import Stages, blended_sample, guided_eps
 from .weights import load
@@ -75,10 +75,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def feathered(mask: torch.Tensor, radius: int = 3) -> torch.Tensor:

@@ -17,7 +17,7 @@ from .autoencoder import Autoencoder
 from .clip import TextEncoder
 from .config import AutoencoderConfig, ModelConfig, TextConfig, UNetConfig
 from .control import ControlNet
-from .io import WeightsError, load_into, read_safetensors, save_atomic
+from .io import WeightsError, load_into, read_safetensors, save_atomic, write_text_atomic
 from .tokenizer import Tokenizer
 from .unet import UNet
 
@@ -100,6 +100,4 @@ def save(out_dir: str | Path, configs: dict, state_dicts: dict[str, dict[str, to
     if tokenizer is not None:
         tokenizer.save(out)
     raw = {key: asdict(cfg) for key, cfg in configs.items()}
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(raw, indent=2) + "\n")
-    tmp.replace(out / "config.json")
+    write_text_atomic(out / "config.json", json.dumps(raw, indent=2) + "\n")
