@@ -31,21 +31,46 @@ def adaptation_loss(out: Tensor, x_fg: Tensor, x_ok: Tensor, mask: Tensor,
 
 def adapt_decoder(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, steps: int = 200,
                   lr: float = 1e-4, fg_weight: float = 1.0, bg_weight: float = 100.0,
-                  callback: Callable[[int, float], None] | None = None) -> tuple[Tensor, list[float]]:
+                  callback: Callable[[int, float], None] | None = None,
+                  blocks: int | None = None) -> tuple[Tensor, list[float]]:
     """Fine-tune a copy of `decoder` on one image and return (its output, the loss per step).
 
     decoder: the autoencoder's `decoder` (post_quant_conv excluded); h: its input for z*
     (`autoencoder.decoder_input(z*)`), (B, z_channels, h, w); x_ok: (B, 3, H, W) in [-1, 1];
     mask: (B, 1, H, W). The returned image is the adapted decoder's output after the last step.
     losses[k] is the loss before update k; len(losses) == steps + 1 (the last: after training).
+
+    blocks (opt-in, not the paper's method): train only the output head and the last `blocks`
+    upsampling levels; the stages before them (Decoder.stages) are frozen, so their output is
+    computed once and each step runs forward and backward through the tail alone. None (or
+    len(decoder.up) + 1, which includes conv_in + mid) trains the whole decoder.
     """
     with torch.no_grad():
         x_fg = decoder(h)
-    tuned = copy.deepcopy(decoder).train().requires_grad_(True)
-    opt = torch.optim.AdamW(tuned.parameters(), lr=lr)
+    tuned = copy.deepcopy(decoder).train()
+    stages = tuned.stages()
+    frozen = 0 if blocks is None else max(0, len(stages) - 1 - blocks)
+    if blocks is not None and blocks < 0:
+        raise ValueError(f"blocks must be >= 0, got {blocks}")
+    tuned.requires_grad_(False)
+    for _, modules in stages[frozen:]:
+        for m in modules:
+            m.requires_grad_(True)
+    with torch.no_grad():
+        start = h
+        for fn, _ in stages[:frozen]:
+            start = fn(start)
+
+    def forward() -> Tensor:
+        out = start
+        for fn, _ in stages[frozen:]:
+            out = fn(out)
+        return out
+
+    opt = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=lr)
     losses = []
     for step in range(steps):
-        loss = adaptation_loss(tuned(h), x_fg, x_ok, mask, fg_weight, bg_weight)
+        loss = adaptation_loss(forward(), x_fg, x_ok, mask, fg_weight, bg_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -53,6 +78,6 @@ def adapt_decoder(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, ste
         if callback is not None:
             callback(step, losses[-1])
     with torch.no_grad():
-        out = tuned(h)
+        out = forward()
         losses.append(adaptation_loss(out, x_fg, x_ok, mask, fg_weight, bg_weight).item())
     return out, losses

@@ -20,6 +20,8 @@ be fine-tuned (AdaBLDM's online decoder adaptation, Algorithm 2).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -203,6 +205,13 @@ class Decoder(nn.Module):
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
+    def stages(self) -> list[tuple[Callable, list[nn.Module]]]:
+        """forward as a list of (function, its modules), in order: conv_in + mid, each up level
+        from the deepest, the output head. Running the functions one after the other is forward."""
+        return ([(lambda z: self.mid(self.conv_in(z)), [self.conv_in, self.mid])]
+                + [(level, [level]) for level in reversed(self.up)]
+                + [(lambda h: self.conv_out(F.silu(self.norm_out(h))), [self.norm_out, self.conv_out])])
+
 
 class VectorQuantizer(nn.Module):
     """Nearest-codebook-entry quantisation with a straight-through gradient (ldm VectorQuantizer2).
@@ -270,20 +279,23 @@ class Autoencoder(nn.Module):
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None,
+               noise=None) -> torch.Tensor:
         """Image (B, 3, H, W) in [-1, 1] -> scale_factor * latent, (B, embed_dim, H / f, W / f).
 
-        KL: the posterior mean, or with a `generator` a posterior sample mean + std * noise.
-        VQ: the latent before quantisation (quantised in `decode`, as ldm's VQModelInterface);
-        `generator` is ignored, the VQ encoder being deterministic.
+        KL: the posterior mean, or a posterior sample mean + std * n, with n drawn from
+        `generator` or given by `noise(mean)` (a function returning standard normal noise shaped
+        like its argument). VQ: the latent before quantisation (quantised in `decode`, as ldm's
+        VQModelInterface); no noise is drawn, the VQ encoder being deterministic.
         """
         if self.cfg.is_vq:
             return self.cfg.scale_factor * self.quant_conv(self.encoder(x))
         mean, logvar = self.moments(x)
-        if generator is None:
+        if generator is None and noise is None:
             return self.cfg.scale_factor * mean
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return self.cfg.scale_factor * (mean + torch.exp(0.5 * logvar) * noise)
+        n = noise(mean) if noise is not None else torch.randn(
+            mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.cfg.scale_factor * (mean + torch.exp(0.5 * logvar) * n)
 
     def decoder_input(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latent -> what `decoder` reads: unscale, quantise (VQ), post_quant_conv."""

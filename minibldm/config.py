@@ -97,7 +97,7 @@ VQ_F4 = AutoencoderConfig(ch_mult=(1, 2, 4), attn_resolutions=(), z_channels=3, 
                           double_z=False, n_embed=8192, scale_factor=1.0)
 
 
-# The embedded default model's size (not trained yet). Chosen so that the full default method
+# The embedded default model's size (weights/tiny). Chosen so that the full default method
 # (50 guided steps, 200 decoder-adaptation steps) fits the demo's time budget on 2 CPU cores at
 # 128x128; tools/measure_tiny_budget.py times both.
 TINY = ModelConfig(
@@ -107,6 +107,8 @@ TINY = ModelConfig(
                     attention_resolutions=(4, 2), num_heads=4, context_dim=128, norm_num_groups=16),
     text=TextConfig(vocab_size=768, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                     num_attention_heads=4))
+
+PRESETS = {"sd15": SD15, "tiny": TINY}  # names `python -m minibldm.train --config` accepts
 
 # --- configs read off tensor shapes (CompVis key layout) ---------------------------------------
 # What shapes cannot tell follows the SD 1.x conventions and is a parameter: 8 UNet heads at every

@@ -107,9 +107,18 @@ def place_file(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def control_metadata(cat, defects: list[str]) -> dict[str, str]:
-    return {"defects": json.dumps(defects), "object": cat.object_name,
-            "defect_names": json.dumps({d: cat.defect_names.get(d, d) for d in defects})}
+def control_metadata(cats: list, splits: list[dict], defects: list[str] | None) -> dict[str, str]:
+    """control.safetensors' metadata: the defect folders it was trained on ("defects"), their
+    prompt names ("defect_names"), the object ("object", the first category's), and per object
+    its defect folders ("objects", JSON {object: [folders]})."""
+    objects, names = {}, {}
+    for c, s in zip(cats, splits):
+        folders = list(defects or sorted(s["defects"]))
+        objects.setdefault(c.object_name, []).extend(folders)
+        names.update({d: c.defect_names.get(d, d) for d in folders})
+    every = sorted({d for folders in objects.values() for d in folders})
+    return {"defects": json.dumps(every), "object": cats[0].object_name,
+            "defect_names": json.dumps(names), "objects": json.dumps(objects)}
 
 
 def write_trained(out: Path, nets: dict, trained: tuple[str, ...],

@@ -14,7 +14,7 @@ layout so anomaly-detection tools read it directly:
 
 Image k depends only on (seed, k), so `--first K -n N` shards a job across processes and a
 resumed run gives the same bytes as an uninterrupted one. Bad input: one line on stderr, exit
-status 2, nothing written.
+status 2, nothing written. With no arguments: the demo of the bundled tiny model (minibldm/demo.py).
 """
 from __future__ import annotations
 
@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
+from . import demo
 from .adapt import adapt_decoder
 from .data import DataError, mask_to_tensor, read_image, read_mask, to_tensor
 from .ddim import alphas_cumprod
 from .io import WeightsError, atomic_path
 from .masks import PlacementError, foreground_for, sample_defect_mask, trimap
-from .sampler import Stages, blended_sample, guided_eps
+from .sampler import Stages, blended_sample, gaussian, guided_eps
 from .weights import load
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "tiny"
@@ -189,6 +190,9 @@ def parse_args(argv):
     run.add_argument("--translate-only", action="store_true", help="place masks without rotation or scaling (reference test script)")
     run.add_argument("--adapt-steps", type=int, default=200, help="decoder adaptation steps T_ft (0: none)")
     run.add_argument("--adapt-lr", type=float, default=1e-4)
+    run.add_argument("--adapt-blocks", type=int, metavar="N",
+                     help="faster, not the paper's method: adapt only the decoder's output head and "
+                          "last N upsampling levels (default: the whole decoder)")
     run.add_argument("--bg-weight", type=float, default=100.0, help="weight of the background term (reference: 100)")
     run.add_argument("--fg-weight", type=float, default=1.0, help="weight of the defect-region term (paper: lambda_con)")
     run.add_argument("--paste-background", action="store_true", help="copy x_OK exactly outside a feathered mask")
@@ -210,6 +214,8 @@ def check_args(args) -> Stages:
             raise UsageError(f"--{name} is required")
     if not args.defect_masks and not args.exact_masks:
         raise UsageError("--defect-masks (few-shot masks to sample from) or --exact-masks is required")
+    if args.adapt_blocks is not None and args.adapt_blocks < 0:
+        raise UsageError(f"--adapt-blocks must be >= 0, got {args.adapt_blocks}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a folder")
     if args.good and not Path(args.good).is_file():
@@ -230,6 +236,7 @@ def check_control_names(path: Path, defect: str) -> None:
         meta = f.metadata() or {}
     if "defects" in meta:
         names = json.loads(meta["defects"])
+        names += list(json.loads(meta.get("defect_names", "{}")).values())  # the prompt's words
         if names and defect not in names and defect.replace(" ", "_") not in names:
             raise UsageError(f"{path}: trained for defects {', '.join(names)}, not '{defect}'")
 
@@ -237,20 +244,21 @@ def check_control_names(path: Path, defect: str) -> None:
 def run_settings(args, stages: Stages, size: int) -> dict:
     keys = ("weights", "control", "images", "defect_masks", "exact_masks", "good", "foreground",
             "texture", "object", "defect", "seed", "guidance", "eta", "translate_only",
-            "adapt_steps", "adapt_lr", "bg_weight", "fg_weight", "paste_background", "dtype")
+            "adapt_steps", "adapt_lr", "adapt_blocks", "bg_weight", "fg_weight", "paste_background", "dtype")
     return {**{k: getattr(args, k) for k in keys}, "size": size, "stages": vars(stages)}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if not argv:
-        if not (DEFAULT_WEIGHTS / "config.json").is_file():
-            print("minibldm.sample: no bundled default model yet (weights/tiny arrives with the "
-                  "embedded-default issue); run with --weights DIR --images DIR --defect-masks DIR "
-                  "--object NAME --defect NAME -n N --out OUT", file=sys.stderr)
-            return 2
+    if not argv and not (DEFAULT_WEIGHTS / "config.json").is_file():
+        print(f"minibldm.sample: error: the bundled tiny model is missing ({DEFAULT_WEIGHTS}/"
+              "config.json); run with --weights DIR --images DIR --defect-masks DIR --object NAME "
+              "--defect NAME -n N --out OUT", file=sys.stderr)
+        return 2
     try:
+        if not argv:
+            return demo.run(DEFAULT_WEIGHTS, generate, parse_args)
         return generate(args)
     except (UsageError, DataError, WeightsError) as e:
         print(f"minibldm.sample: error: {e}", file=sys.stderr)
@@ -295,7 +303,6 @@ def generate(args) -> int:
     prompt = f"a {args.object} with a {args.defect}"
     with torch.no_grad():
         cond, uncond = m.text_encoder(m.tokenizer([prompt, ""]).to(dev)).chunk(2)
-    ac = alphas_cumprod()
     rows = []
     for n, plan in enumerate(plans):
         k = plan["k"]
@@ -311,21 +318,14 @@ def generate(args) -> int:
             if (i + 1) % 10 == 0 or i + 1 == stages.steps:
                 log(f"\rimage {n + 1}/{len(plans)}: step {i + 1}/{stages.steps}", end="")
 
-        with torch.no_grad():
-            z_ok = m.autoencoder.encode(x_ok, g)
-            eps = guided_eps(m.unet, m.control, cond, uncond, hint, args.guidance)
-            z = blended_sample(eps, m.autoencoder.encode, m.autoencoder.decode, z_ok, x_ok, mask,
-                               ac, stages, g, args.eta, progress)
-            h = m.autoencoder.decoder_input(z)
-            before = m.autoencoder.decoder(h)
-
         def adapt_progress(step, loss):
             if step % 20 == 0 or step == args.adapt_steps - 1:
                 log(f"\rimage {n + 1}/{len(plans)}: adaptation {step + 1}/{args.adapt_steps} loss {loss:.5f}", end="")
 
-        with torch.enable_grad():
-            after, losses = adapt_decoder(m.autoencoder.decoder, h, x_ok, mask, args.adapt_steps,
-                                          args.adapt_lr, args.fg_weight, args.bg_weight, adapt_progress)
+        res = defect_image(m, x_ok, mask, hint, cond, uncond, stages, gaussian(g), args.guidance,
+                           args.eta, args.adapt_steps, args.adapt_lr, args.fg_weight,
+                           args.bg_weight, progress, adapt_progress, args.adapt_blocks)
+        before, after, losses = res["before"], res["after"], res["losses"]
         if args.paste_background:
             w = feathered(mask)
             after = w * after + (1 - w) * x_ok
@@ -346,6 +346,31 @@ def generate(args) -> int:
         contact_sheet(rows, out / "preview.png")
     log(f"wrote {len(rows)} images to {out}")
     return 0
+
+
+def defect_image(m, x_ok: torch.Tensor, mask: torch.Tensor, hint: torch.Tensor,
+                 cond: torch.Tensor, uncond: torch.Tensor, stages: Stages, noise,
+                 guidance: float = 9.0, eta: float = 0.0, adapt_steps: int = 200,
+                 adapt_lr: float = 1e-4, fg_weight: float = 1.0, bg_weight: float = 100.0,
+                 progress=None, adapt_progress=None, adapt_blocks: int | None = None) -> dict:
+    """The whole method for one input: encode x_OK (a posterior sample), Algorithm 1 (guided,
+    blended DDIM), decode, Algorithm 2 (decoder adaptation). m: a minibldm.Models with a control
+    branch; cond/uncond: τ(prompt) and τ(""); noise(like): every random draw, in order (z_OK's
+    posterior noise first, then blended_sample's). Returns {"z_ok", "z", "before", "after",
+    "losses"}: z* the sampled latent, the image decoded by the frozen and by the adapted decoder,
+    and the adaptation loss per step."""
+    ae = m.autoencoder
+    with torch.no_grad():
+        z_ok = ae.encode(x_ok, noise=noise)
+        eps = guided_eps(m.unet, m.control, cond, uncond, hint, guidance)
+        z = blended_sample(eps, lambda x, nz: ae.encode(x, noise=nz), ae.decode, z_ok, x_ok, mask,
+                           alphas_cumprod(), stages, eta=eta, callback=progress, noise=noise)
+        h = ae.decoder_input(z)
+        before = ae.decoder(h)
+    with torch.enable_grad():
+        after, losses = adapt_decoder(ae.decoder, h, x_ok, mask, adapt_steps, adapt_lr,
+                                      fg_weight, bg_weight, adapt_progress, adapt_blocks)
+    return {"z_ok": z_ok, "z": z, "before": before, "after": after.detach(), "losses": losses}
 
 
 def overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -80,19 +80,28 @@ def guided_eps(unet, control, cond: Tensor, uncond: Tensor, hint: Tensor | None,
     return eps
 
 
+def gaussian(generator: torch.Generator | None) -> Callable[[Tensor], Tensor]:
+    """Standard normal noise shaped like its argument, drawn from `generator`."""
+    return lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def blended_sample(eps: Callable[[Tensor, Tensor], Tensor], encode: Callable, decode: Callable,
                    z_ok: Tensor, x_ok: Tensor, mask: Tensor, alphas_cumprod: Tensor,
                    stages: Stages = Stages(), generator: torch.Generator | None = None,
-                   eta: float = 0.0, callback: Callable | None = None) -> Tensor:
+                   eta: float = 0.0, callback: Callable | None = None,
+                   noise: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Algorithm 1. Returns z*, the latent to decode.
 
-    eps(z, t) -> noise prediction (e.g. `guided_eps`); encode(x, generator) -> scaled latent (a
-    posterior sample); decode(z) -> image in [-1, 1]. z_ok: (B, c, h, w) = encode(x_ok);
-    x_ok: (B, 3, H, W); mask: (B, 1, H, W) M*, 1 on the defect. All noise comes from `generator`
-    in a fixed order, so a seed fixes the result. callback(i, t, z, x0_pred) after each step.
+    eps(z, t) -> noise prediction (e.g. `guided_eps`); encode(x, noise) -> scaled latent, a
+    posterior sample whose noise is noise(latent) (e.g. `Autoencoder.encode(x, noise=noise)`);
+    decode(z) -> image in [-1, 1]. z_ok: (B, c, h, w) = encode(x_ok); x_ok: (B, 3, H, W);
+    mask: (B, 1, H, W) M*, 1 on the defect. Every random draw is noise(like) in a fixed order:
+    z_T, each latent-stage step's re-noising of z_ok, then per image-stage step the posterior
+    sample and its re-noising (and with eta > 0 each step's DDIM noise). `noise` defaults to
+    gaussian(generator), so a seed fixes the result; a recorded list of draws replays it.
+    callback(i, t, z, x0_pred) after each step.
     """
-    def randn_like(x):
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    randn_like = noise if noise is not None else gaussian(generator)
 
     keep = latent_keep_mask(mask, z_ok.shape[-2:]).to(z_ok.dtype)
     timesteps = stages.timesteps().tolist()
@@ -106,7 +115,7 @@ def blended_sample(eps: Callable[[Tensor, Tensor], Tensor], encode: Callable, de
         z, x0 = ddim_step(z, eps(z, tt), tt, t_prev, alphas_cumprod, eta=eta, noise=noise)
         if stages.edits_image(i):
             blended = decode(x0) * mask + x_ok * (1 - mask)
-            z = q_sample(encode(blended, generator), tt, randn_like(z), alphas_cumprod)
+            z = q_sample(encode(blended, randn_like), tt, randn_like(z), alphas_cumprod)
         if callback is not None:
             callback(i, t, z, x0)
     return z

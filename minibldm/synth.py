@@ -120,7 +120,7 @@ def _curve(rng, depth, length, bend):
 
 def _fabric(rng, s):
     """Plain weave: warp and weft threads alternate over / under cell by cell."""
-    a, p = rng.uniform(-0.12, 0.12), s / 32 * rng.uniform(0.9, 1.15)  # weave angle, thread pitch
+    a, p = rng.uniform(-0.12, 0.12), s / 20 * rng.uniform(0.9, 1.15)  # weave angle, thread pitch
     u, v = _frame(s, -p * rng.uniform(0, 2, 2), a)
     u, v = u / p, v / p  # in threads
     fu, fv = u % 1, v % 1

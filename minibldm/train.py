@@ -3,8 +3,9 @@
 AdaBLDM (Li et al. 2024, arXiv 2402.19330; docs/ADABLDM.md "Training the trimap branch"). Stages:
 
   control      the trimap branch: ζ (`input_hint_block`) and the trimap encoder ε̂_tri, on pairs
-               made on the fly from one category (crop of a real defect, random affine, pasted
-               inside F; data.PairDataset). Loss ‖ε − ε_θ(z_t, t, τ(y), ε̂_tri(z_t, ζ(Γ), t, τ("")))‖²:
+               made on the fly (crop of a real defect, random affine, pasted inside F;
+               data.PairDataset). Several --data folders train one branch for all of them,
+               their pairs taken in turn. Loss ‖ε − ε_θ(z_t, t, τ(y), ε̂_tri(z_t, ζ(Γ), t, τ("")))‖²:
                as in the reference code the branch reads the empty prompt's embedding and the UNet
                reads the prompt's ("a {object} with a {defect}", empty with p = 0.1). UNet,
                autoencoder and text encoder are frozen. A branch missing from --weights starts as
@@ -31,17 +32,20 @@ restarts.
 Where the networks come from:
   --weights DIR  a weights folder (config.json, <network>.safetensors, vocab.json + merges.txt). It
                  may be partial (no control, or a previous run of the autoencoder stage).
-  --config FILE  a model config JSON (the config.json of a weights folder or of a run): networks
-                 that --weights lacks are built from it with seeded random weights. A network in
-                 both must have the same config in both.
+  --config FILE  a model config JSON (the config.json of a weights folder or of a run) or a
+                 preset name (tiny, sd15): networks that --weights lacks are built from it with
+                 seeded random weights. A network in both must have the same config in both.
   The frozen networks of a stage must come from --weights (control: autoencoder, UNet, text
   encoder; unet: autoencoder, text encoder; text: autoencoder). Without a tokenizer in --weights,
   one is trained on the data's prompts (Tokenizer.train, the text config's vocab_size). A new
-  UNet gets ldm's zero init of its output convs. So a model is built from nothing by a chain of
-  runs, each reading the previous run folder:
-      train --stage autoencoder --config tiny.json --data A B ... --out runs/ae
-      train --stage text  --weights runs/ae   --data A B ... --out runs/text
-      train --stage control --weights runs/text --data A --out runs/control_A
+  UNet gets ldm's zero init of its output convs. A new autoencoder's latents are not unit
+  variance: the first diffusion stage after it takes `--scale-factor auto` (1 / std of the
+  training latents, ldm's `scale_by_std`), written into the run's config for every later stage.
+  So a model is built from nothing by a chain of runs, each reading the previous run folder
+  (weights/tiny/README.md has the exact recipe of the bundled model):
+      train --stage autoencoder --config tiny --data A B ... --out runs/ae
+      train --stage text  --weights runs/ae --scale-factor auto --data A B ... --out runs/text
+      train --stage control --weights runs/text --data A B ... --out runs/control
 
 The run folder (--out), its checkpoint and resuming: see minibldm/runfolder.py.
 
@@ -70,7 +74,7 @@ import torch.nn.functional as F
 
 from . import runfolder
 from .autoencoder import Autoencoder, ResnetBlock, kl_loss
-from .config import ModelConfig
+from .config import PRESETS, ModelConfig
 from .data import DataError, GoodDataset, PairDataset, default_prompt, load_or_make_split, read_category
 from .ddim import alphas_cumprod, q_sample
 from .io import WeightsError
@@ -112,10 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=usage_notes())
     p.add_argument("--stage", required=True, choices=STAGES, help="what to train (see below)")
     p.add_argument("--weights", help="weights folder to start from (may be partial)")
-    p.add_argument("--config", help="model config JSON for networks --weights lacks")
+    p.add_argument("--config", help="model config for networks --weights lacks: a JSON file or a "
+                   f"preset name ({', '.join(PRESETS)})")
     p.add_argument("--data", nargs="+", required=True, metavar="DIR",
-                   help="a category folder (MVTec AD or plain layout); the unet, text and "
-                        "autoencoder stages accept several")
+                   help="category folders (MVTec AD or plain layout)")
     p.add_argument("--defect", nargs="+", metavar="NAME", help="defect folders to train on (default: all)")
     p.add_argument("--out", required=True, help="run folder; an existing run there is continued")
     p.add_argument("--steps", type=int, default=5000, help="optimizer steps in all (default 5000; "
@@ -134,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--texture", action="store_true", help="a surface: the foreground is the whole image")
     p.add_argument("--translate-only", action="store_true",
                    help="control pairs: paste defects without rotation or scaling")
+    p.add_argument("--scale-factor", metavar="S|auto",
+                   help="text and unet stages: the latent scale to train with, a number or 'auto' "
+                        "(1 / std of the training latents, ldm's rule for a new autoencoder)")
     p.add_argument("--rec-loss", choices=("l1", "l2"), default="l1", help="autoencoder reconstruction loss")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="autoencoder KL weight (ldm: 1e-6)")
     p.add_argument("--codebook-weight", type=float, default=1.0, help="VQ codebook loss weight (ldm: 1)")
@@ -154,7 +161,8 @@ def settings(args: argparse.Namespace, cfg: ModelConfig) -> dict:
     """The run's settings as JSON values: the arguments, paths made absolute, and the model."""
     s = dict(vars(args))
     for k in ("weights", "config", "out"):
-        s[k] = str(Path(s[k]).resolve()) if s[k] is not None else None
+        if s[k] is not None and not (k == "config" and s[k] in PRESETS):
+            s[k] = str(Path(s[k]).resolve())
     s["data"] = [str(Path(d).resolve()) for d in args.data]
     s["betas"] = list(args.betas)
     s["model"] = dataclasses.asdict(cfg)
@@ -187,7 +195,9 @@ def model_config(args) -> tuple[ModelConfig, dict[str, str]]:
         raise TrainError(f"--weights {wdir}: no such folder")
     raw = read_config(wdir) if wdir is not None else None
     given = None
-    if args.config:
+    if args.config in PRESETS:
+        given = PRESETS[args.config]
+    elif args.config:
         try:
             given = ModelConfig.from_dict(json.loads(Path(args.config).read_text()))
         except (OSError, ValueError, TypeError) as e:
@@ -320,6 +330,19 @@ class ShuffledImages(torch.utils.data.Dataset):
         return self.datasets[d][epoch * len(self.datasets[d].items) + j]
 
 
+class Interleaved(torch.utils.data.Dataset):
+    """Sample i of several datasets taken in turn: item i // C of dataset i % C."""
+
+    def __init__(self, datasets: list):
+        self.datasets = datasets
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.datasets[i % len(self.datasets)][i // len(self.datasets)]
+
+
 class StepBatches(torch.utils.data.Sampler):
     """Per step from `start` to `steps`, this process's share of the global batch: sample indices
     s·B + rank·b ... s·B + rank·b + b − 1 with b = B / world."""
@@ -353,8 +376,6 @@ def split_path(out: Path, categories: list, i: int) -> Path:
 
 def read_data(args, out: Path, rank: int, world: int, log) -> tuple[list, list[dict]]:
     """The categories and their few-shot splits (made by process 0, read by the others)."""
-    if args.stage == "control" and len(args.data) > 1:
-        raise TrainError("the control stage trains one category: give one --data folder")
     cats = [read_category(d, texture=True if args.texture else None, object_name=args.object)
             for d in args.data]
     if args.defect:
@@ -363,8 +384,9 @@ def read_data(args, out: Path, rank: int, world: int, log) -> tuple[list, list[d
             if unknown:
                 raise TrainError(f"{c.root}: no defect type {', '.join(map(repr, unknown))} with "
                                  f"images and masks (has: {', '.join(c.defects) or 'none'})")
-    if args.stage == "control" and not cats[0].defects:
-        raise TrainError(f"{cats[0].root}: no defect images with masks to train the trimap branch on")
+    for c in cats if args.stage == "control" else ():
+        if not c.defects:
+            raise TrainError(f"{c.root}: no defect images with masks to train the trimap branch on")
     splits = []
     for turn in ((0,) if world == 1 else (0, 1)):
         if (rank == 0) == (turn == 0):
@@ -385,9 +407,12 @@ def read_data(args, out: Path, rank: int, world: int, log) -> tuple[list, list[d
 
 def make_dataset(args, cats: list, splits: list[dict]) -> torch.utils.data.Dataset:
     if args.stage == "control":
-        return PairDataset(cats[0], splits[0], size=args.size, defects=args.defect,
-                           p_empty_prompt=args.p_empty_prompt, seed=args.seed,
-                           length=args.steps * args.batch_size, translate_only=args.translate_only)
+        pairs = [PairDataset(c, s, size=args.size, defects=args.defect,
+                             p_empty_prompt=args.p_empty_prompt,
+                             seed=args.seed if len(cats) == 1 else derived_seed(args.seed, "pairs", i) % 2 ** 31,
+                             length=args.steps * args.batch_size, translate_only=args.translate_only)
+                 for i, (c, s) in enumerate(zip(cats, splits))]
+        return pairs[0] if len(pairs) == 1 else Interleaved(pairs)
     goods = []
     for c, s in zip(cats, splits):
         if args.defect:
@@ -427,6 +452,21 @@ def encode_latent(autoencoder: Autoencoder, image: torch.Tensor,
         return autoencoder.encode(image)
     mean, logvar = autoencoder.moments(image)
     return autoencoder.cfg.scale_factor * (mean + torch.exp(0.5 * logvar) * posterior_noise)
+
+
+@torch.no_grad()
+def latent_scale(autoencoder: Autoencoder, dataset, args, n: int = 64) -> float:
+    """1 / std of z = mean + std · noise over the run's first n training samples (ldm's
+    `scale_by_std`, which uses the first batch), so that the scaled latents have unit variance."""
+    f = 2 ** (len(autoencoder.cfg.ch_mult) - 1)
+    shape = (autoencoder.cfg.embed_dim, args.size // f, args.size // f)
+    zs = []
+    for first in range(0, n, 16):
+        idx = list(range(first, min(first + 16, n)))
+        image = torch.stack([dataset[i]["image"] for i in idx])
+        _, _, post = sample_draws(args.seed, idx, shape)
+        zs.append(encode_latent(autoencoder, image, post) / autoencoder.cfg.scale_factor)
+    return 1.0 / torch.cat(zs).float().std().item()
 
 
 def denoising_loss(unet, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
@@ -510,6 +550,18 @@ def check_args(args) -> None:
         raise TrainError(f"--p-empty-prompt must be in [0, 1], got {args.p_empty_prompt}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise TrainError(f"--lr must be positive, got {args.lr}")
+    if args.scale_factor is not None:
+        if args.stage not in ("text", "unet"):
+            raise TrainError(f"--scale-factor: only the text and unet stages choose the latent scale "
+                             f"(the {args.stage} stage keeps the one in --weights)")
+        if args.scale_factor != "auto":
+            try:
+                value = float(args.scale_factor)
+            except ValueError:
+                value = float("nan")
+            if not (value > 0 and math.isfinite(value)):
+                raise TrainError(f"--scale-factor must be a positive number or 'auto', got "
+                                 f"{args.scale_factor!r}")
 
 
 def train(args) -> int:
@@ -526,7 +578,8 @@ def train(args) -> int:
     ckpt = out / CHECKPOINT
     state = read_checkpoint_state(ckpt) if ckpt.is_file() else None
     if state is not None:
-        differ = [k for k in differences(state["run"], run) if k.split(".")[0] not in MAY_CHANGE]
+        differ = [k for k in differences(state["run"], run) if k.split(".")[0] not in MAY_CHANGE
+                  and not (k == "model.autoencoder.scale_factor" and args.scale_factor is not None)]
         if differ:
             raise TrainError(f"--out {out}: holds a run with other settings ({', '.join(differ)}); "
                              "use those settings or another --out")
@@ -535,6 +588,14 @@ def train(args) -> int:
     tokenizer, tok_source = get_tokenizer(args, cfg, all_prompts(cats))
 
     nets = build_networks(args, cfg, sources)
+    if args.scale_factor is not None:
+        scale = (latent_scale(nets["autoencoder"], dataset, args) if args.scale_factor == "auto"
+                 else float(args.scale_factor))
+        cfg = dataclasses.replace(cfg, autoencoder=dataclasses.replace(cfg.autoencoder,
+                                                                       scale_factor=scale))
+        nets["autoencoder"].cfg = cfg.autoencoder
+        run["model"] = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        log(f"latent scale factor {scale:.6g} ({args.scale_factor})")
     trained = {name: nets[name] for name in TRAINS[args.stage]}
     named_params = [(f"{name}.{k}", p) for name, net in trained.items()
                     for k, p in net.named_parameters()]
@@ -552,8 +613,7 @@ def train(args) -> int:
         for name in TRAINS[args.stage] + (("unet",) if args.stage == "control" else ()):
             enable_grad_checkpointing(nets[name])
 
-    defects = list(args.defect or sorted(splits[0]["defects"]))
-    ctrl_meta = control_metadata(cats[0], defects) if args.stage == "control" else None
+    ctrl_meta = control_metadata(cats, splits, args.defect) if args.stage == "control" else None
     if rank == 0:
         write_run_folder(out, args, cfg, run, sources, nets, TRAINS[args.stage], tokenizer,
                          tok_source)

@@ -172,12 +172,14 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, inputs, how, needle):
     assert not out.is_dir() or not any(out.iterdir())
 
 
-def test_no_arguments_without_bundled_weights_says_what_it_needs():
-    from minibldm.sample import DEFAULT_WEIGHTS
-    if (DEFAULT_WEIGHTS / "config.json").is_file():
-        pytest.skip("the bundled default model exists")
-    r = subprocess.run([sys.executable, "-m", "minibldm.sample"], capture_output=True, text=True)
-    assert r.returncode == 2 and "--weights" in r.stderr
+def test_no_arguments_without_bundled_weights_says_what_it_needs(tmp_path, monkeypatch, capsys):
+    from minibldm import sample
+    monkeypatch.setattr(sample, "DEFAULT_WEIGHTS", tmp_path / "missing")
+    monkeypatch.chdir(tmp_path)
+    assert sample.main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0] and "--weights" in err[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bfloat16_runs(tmp_path, inputs):

@@ -58,9 +58,9 @@ class Spy:
         self.eps_inputs.append(z.clone())
         return self.unet(z, t, torch.zeros(z.shape[0], 77, 16))
 
-    def encode(self, x, generator):
+    def encode(self, x, noise):
         self.encode_inputs.append(x.clone())
-        return self.ae.encode(x, generator)
+        return self.ae.encode(x, noise=noise)
 
     def callback(self, i, t, z, x0):
         self.after.append((z.clone(), x0.clone()))
@@ -155,3 +155,28 @@ def test_adaptation_restores_background_and_leaves_decoder_untouched():
     assert drift(held) < drift(out) < drift(free)
     for k, v in ae.decoder.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_adapting_only_the_last_blocks():
+    """--adapt-blocks: with every stage trainable it is the full method exactly; with fewer it
+    still fits the background, differently, and the caller's decoder stays untouched."""
+    torch.manual_seed(0)
+    ae = randomize(Autoencoder(AE), 3).eval()
+    g = torch.Generator().manual_seed(1)
+    h = ae.decoder_input(torch.randn(1, 4, 4, 4, generator=g)).detach()
+    with torch.no_grad():
+        x_fg = ae.decoder(h)
+    x_ok, mask = 0.8 * x_fg + 0.2, torch.zeros(1, 1, 32, 32)
+    mask[..., 8:20, 8:20] = 1
+    before = {k: v.clone() for k, v in ae.decoder.state_dict().items()}
+    full, full_losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=10, lr=3e-4)
+    every, every_losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=10, lr=3e-4,
+                                        blocks=len(ae.decoder.up) + 1)
+    assert torch.equal(full, every) and full_losses == every_losses
+    tail, tail_losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=10, lr=3e-4, blocks=1)
+    assert tail_losses[-1] < 0.8 * tail_losses[0] and not torch.equal(tail, full)
+    assert tail_losses[0] == full_losses[0]  # the same starting point
+    for k, v in ae.decoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError):
+        adapt_decoder(ae.decoder, h, x_ok, mask, steps=1, blocks=-1)

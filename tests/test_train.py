@@ -346,3 +346,78 @@ def test_control_stage_needs_frozen_networks(pill, tmp_path):
     rc, err = run("--stage", "control", "--config", cfg, "--data", pill, "--out", tmp_path / "r",
                   "--size", SIZE)
     assert rc == 2 and "frozen autoencoder" in err, err
+
+
+# ---- building a model from nothing: presets, the latent scale, one branch for several categories
+
+def test_config_accepts_a_preset_name(pill, tmp_path):
+    out = tmp_path / "ae"
+    rc, err = run("--stage", "autoencoder", "--config", "tiny", "--data", pill, "--out", out,
+                  "--steps", 1, "--batch-size", 1, "--size", SIZE)
+    assert rc == 0, err
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["train"]["config"] == "tiny"
+    assert minibldm.load(out).config == minibldm.config.TINY
+
+
+def test_scale_factor_auto_gives_unit_variance_latents(pill, tiny_weights, tmp_path):
+    out = tmp_path / "text"
+    common = ("--stage", "text", "--weights", tiny_weights, "--data", pill, "--out", out,
+              "--batch-size", 2, "--size", SIZE, "--k", 2, "--scale-factor", "auto")
+    rc, err = run(*common, "--steps", 1)
+    assert rc == 0, err
+    scale = json.loads((out / "config.json").read_text())["autoencoder"]["scale_factor"]
+    assert scale != AE.scale_factor and f"latent scale factor {scale:.6g} (auto)" in err
+    assert minibldm.load(out).config.autoencoder.scale_factor == scale
+
+    # the property: the run's first 64 training latents, scaled, have standard deviation 1
+    args = train.parse_args([str(a) for a in common] + ["--steps", "1"])
+    cats, splits = train.read_data(args, out, 0, 1, lambda m: None)
+    dataset = train.make_dataset(args, cats, splits)
+    ae = minibldm.load(out).autoencoder
+    shape = (AE.embed_dim, SIZE // 8, SIZE // 8)
+    with torch.no_grad():
+        z = torch.cat([train.encode_latent(ae, dataset[i]["image"][None],
+                                           train.sample_draws(0, [i], shape)[2]) for i in range(64)])
+    assert abs(z.std().item() - 1) < 1e-4
+
+    rc, err = run(*common, "--steps", 2)  # resumes: the same rule gives the same scale
+    assert rc == 0, err
+    assert json.loads((out / "config.json").read_text())["autoencoder"]["scale_factor"] == scale
+    rc, err = run(*common[:-1], "0.5", "--steps", 3)
+    assert rc == 2 and "scale_factor" in err, err
+
+
+@pytest.mark.parametrize("value, message", [("-1", "positive number"), ("x", "positive number")])
+def test_scale_factor_bad_values(pill, tiny_weights, tmp_path, value, message):
+    rc, err = run("--stage", "unet", "--weights", tiny_weights, "--data", pill, "--out",
+                  tmp_path / "r", "--size", SIZE, "--scale-factor", value)
+    assert rc == 2 and message in err and not (tmp_path / "r").exists(), err
+    rc, err = run(*control_args(pill, tiny_weights, tmp_path / "c", 1, "--scale-factor", "auto"))
+    assert rc == 2 and "only the text and unet stages" in err, err
+
+
+def test_control_branch_for_several_categories(pill, tiny_weights, tmp_path):
+    write_dataset(tmp_path / "more", per_class=3, size=SIZE, categories=["washer"], test_good=0,
+                  test_per_defect=3, log=None)
+    washer = tmp_path / "more" / "washer"
+    out = tmp_path / "run"
+    args = control_args(pill, tiny_weights, out, 2)
+    rc, err = run(*args[:5], pill, washer, *args[6:])
+    assert rc == 0, err
+    assert (out / "split-0-pill.json").is_file() and (out / "split-1-washer.json").is_file()
+    with safe_open(str(out / "control.safetensors"), "pt") as f:
+        meta = f.metadata()
+    objects = json.loads(meta["objects"])
+    washer_name = read_category(washer).object_name  # from meta.json: "metal washer"
+    assert objects == {"pill": ["crack", "spot", "stain"],
+                       washer_name: sorted(read_category(washer).defects)}
+    assert json.loads(meta["defects"]) == sorted(set(objects["pill"] + objects[washer_name]))
+
+    # samples alternate between the categories
+    parsed = train.parse_args([str(a) for a in (*args[:5], pill, washer, *args[6:])])
+    cats, splits = train.read_data(parsed, out, 0, 1, lambda m: None)
+    dataset = train.make_dataset(parsed, cats, splits)
+    prompts = [dataset[i]["prompt"] for i in range(8)]
+    assert all(p.startswith("a pill ") for p in prompts[0::2] if p)
+    assert all(p.startswith(f"a {washer_name} ") for p in prompts[1::2] if p)

@@ -1,0 +1,175 @@
+"""Training defects for the detector comparison (`python -m minibldm.evaluate`).
+
+Each source is a callable: source(i) -> (image (3, S, S) in [-1, 1], mask (S, S) {0, 1}), a
+function of (seed, i) alone. Images are read at S x S (resized, not cropped).
+
+  * `FixedPairs`: a fixed list of defect images with their masks, a type drawn uniformly and
+    then one of its images. `real-only` uses the k real training defects per type; `minibldm`
+    the images a `python -m minibldm.sample` run wrote.
+  * `CropPaste`: a real training defect's masked pixels, rotated (0-360 degrees) and scaled
+    (0.85-1.15), pasted on a good image inside its foreground F (`data.PairDataset`, which calls
+    `masks.paste_defect`); the mask is exactly the pasted pixels.
+  * `Perlin`: DRAEM's simulated anomalies (Zavrtanik et al., ICCV 2021, eq. 1): a mask M from
+    thresholded Perlin noise (inside F), and I_a = (1 - M) I + (1 - beta) M A + beta M I with
+    beta ~ U[0, 0.8). DTD is not at hand, so the anomaly texture A is another good image of the
+    dataset, its 4 x 4 tiles shuffled and its colours jittered (`anomaly_source`), and the
+    noise is not rotated (DRAEM turns it by up to 90 degrees; the random lattice aspect, 1 to 32
+    cells a side, gives the shapes their variety).
+
+The evaluation then flips and turns every training image, good or defective, by `flip_rotate`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .data import PairDataset, _Decoded
+
+
+def stream(seed: int, name: str, i: int) -> torch.Generator:
+    """The generator of item i of the random stream `name`: a function of (seed, name, i)."""
+    digest = hashlib.sha256(f"minibldm.baselines/{seed}/{name}/{i}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def flip_rotate(tensors: list[Tensor], generator: torch.Generator) -> list[Tensor]:
+    """The same random left-right flip (p = 1/2) and quarter turn (0, 90, 180 or 270 degrees) of
+    each (..., H, W) tensor, H == W."""
+    flip, turns = torch.randint(2, (1,), generator=generator).item(), \
+        torch.randint(4, (1,), generator=generator).item()
+    out = []
+    for t in tensors:
+        t = t.flip(-1) if flip else t
+        out.append(torch.rot90(t, turns, (-2, -1)))
+    return out
+
+
+def _as_float(image: Tensor) -> Tensor:
+    return image.float() / 127.5 - 1
+
+
+# ---- fixed pairs (real-only, minibldm) --------------------------------------------------------
+
+class FixedPairs:
+    """Defect images and masks as given, read once at S x S: {type: [(image path, mask path)]}."""
+
+    def __init__(self, pairs: dict[str, list[tuple[Path, Path]]], decoded: _Decoded,
+                 seed: int = 0):
+        self.types = sorted(t for t in pairs if pairs[t])
+        self.items = {t: [(_as_float(decoded.image(i)), decoded.mask(m).float())
+                          for i, m in pairs[t]] for t in self.types}
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.items.values())
+
+    def __call__(self, i: int) -> tuple[Tensor, Tensor]:
+        g = stream(self.seed, "fixed", i)
+        items = self.items[self.types[torch.randint(len(self.types), (1,), generator=g).item()]]
+        return items[torch.randint(len(items), (1,), generator=g).item()]
+
+
+# ---- crop and paste ---------------------------------------------------------------------------
+
+class CropPaste:
+    """A real training defect, random affine, pasted inside F of a good image (PairDataset)."""
+
+    def __init__(self, pairs: PairDataset):
+        self.pairs = pairs
+
+    def __call__(self, i: int) -> tuple[Tensor, Tensor]:
+        item = self.pairs[i]
+        return item["image"], item["mask"][0]
+
+
+# ---- DRAEM-style Perlin anomalies -------------------------------------------------------------
+
+def perlin_noise(size: int, res: tuple[int, int], generator: torch.Generator) -> Tensor:
+    """2-D gradient noise (Perlin, "Improving noise", SIGGRAPH 2002: random unit gradients on a
+    (res_y + 1, res_x + 1) lattice, the quintic fade 6t^5 - 15t^4 + 10t^3) sampled at the pixel
+    centres of a size x size image, times sqrt(2) so values lie in about [-1, 1] (as DRAEM's)."""
+    ry, rx = res
+    angle = torch.rand(ry + 1, rx + 1, generator=generator, dtype=torch.float64) * 2 * math.pi
+    grad = torch.stack([angle.sin(), angle.cos()], -1)  # (ry + 1, rx + 1, 2): (gy, gx)
+    y = (torch.arange(size, dtype=torch.float64) + 0.5) * ry / size  # in lattice cells
+    x = (torch.arange(size, dtype=torch.float64) + 0.5) * rx / size
+    y0, x0 = y.floor().long(), x.floor().long()
+    fy, fx = (y - y0)[:, None], (x - x0)[None, :]  # (S, 1), (1, S): position inside the cell
+
+    def corner(dy: int, dx: int) -> Tensor:  # gradient . offset from that corner, (S, S)
+        g = grad[y0 + dy][:, x0 + dx]  # (S, S, 2)
+        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+
+    def fade(t: Tensor) -> Tensor:
+        return t ** 3 * (t * (6 * t - 15) + 10)
+
+    uy, ux = fade(fy), fade(fx)
+    top = corner(0, 0) + ux * (corner(0, 1) - corner(0, 0))
+    bottom = corner(1, 0) + ux * (corner(1, 1) - corner(1, 0))
+    return (math.sqrt(2) * (top + uy * (bottom - top))).float()
+
+
+def perlin_mask(foreground: Tensor, generator: torch.Generator, threshold: float = 0.5,
+                max_log2_res: int = 5, tries: int = 10) -> Tensor:
+    """DRAEM's anomaly mask, kept inside the (S, S) foreground: Perlin noise with 2^a x 2^b
+    lattice cells (a, b uniform in 0..max_log2_res) above `threshold`. Redrawn when nothing is
+    left inside F; after `tries` draws, the top 2% of the last noise inside F."""
+    size, inside = foreground.shape[-1], foreground > 0.5
+    if not inside.any():
+        raise ValueError("the foreground is empty")
+    for _ in range(tries):
+        a, b = torch.randint(max_log2_res + 1, (2,), generator=generator).tolist()
+        noise = perlin_noise(size, (2 ** a, 2 ** b), generator)
+        mask = (noise > threshold) & inside
+        if mask.any():
+            return mask.float()
+    top = noise[inside].quantile(0.98)
+    return ((noise >= top) & inside).float()
+
+
+def anomaly_source(image: Tensor, generator: torch.Generator, grid: int = 4) -> Tensor:
+    """A texture unlike the good images, made from one of them ((3, S, S) in [-1, 1], S a
+    multiple of `grid`): its grid x grid tiles shuffled and each turned a random quarter, then
+    contrast x U[0.5, 2), a colour shift U[-0.5, 0.5) per channel, inverted with p = 1/2."""
+    C, S, _ = image.shape
+    t = S // grid
+    tiles = image.reshape(C, grid, t, grid, t).permute(1, 3, 0, 2, 4).reshape(grid * grid, C, t, t)
+    order = torch.randperm(grid * grid, generator=generator)
+    turns = torch.randint(4, (grid * grid,), generator=generator)
+    tiles = torch.stack([torch.rot90(tiles[j], int(k), (-2, -1)) for j, k in zip(order, turns)])
+    x = tiles.reshape(grid, grid, C, t, t).permute(2, 0, 3, 1, 4).reshape(C, S, S)
+    u = torch.rand(C + 2, generator=generator)
+    contrast, shift, invert = 0.5 + 1.5 * u[0], u[1:C + 1] - 0.5, u[C + 1] < 0.5
+    mean = x.mean()
+    x = (x - mean) * contrast + mean + shift[:, None, None]
+    return (-x if invert else x).clamp(-1, 1)
+
+
+def perlin_defect(good: Tensor, source: Tensor, foreground: Tensor,
+                  generator: torch.Generator) -> tuple[Tensor, Tensor, float]:
+    """DRAEM eq. 1 on a (3, S, S) good image: returns (image, mask (S, S), beta)."""
+    mask = perlin_mask(foreground, generator)
+    beta = 0.8 * torch.rand(1, generator=generator).item()
+    blended = (1 - beta) * source + beta * good
+    return torch.where(mask > 0.5, blended, good), mask, beta
+
+
+class Perlin:
+    """DRAEM-style anomalies on the good training images (their foregrounds from `decoded`)."""
+
+    def __init__(self, good: list[Path], decoded: _Decoded, seed: int = 0):
+        self.good, self.decoded, self.seed = good, decoded, seed
+
+    def __call__(self, i: int) -> tuple[Tensor, Tensor]:
+        g = stream(self.seed, "perlin", i)
+        n = len(self.good)
+        j = torch.randint(n, (1,), generator=g).item()
+        k = (j + 1 + torch.randint(n - 1, (1,), generator=g).item()) % n if n > 1 else j
+        good = _as_float(self.decoded.image(self.good[j]))
+        source = anomaly_source(_as_float(self.decoded.image(self.good[k])), g)
+        image, mask, _ = perlin_defect(good, source, self.decoded.foreground(self.good[j]), g)
+        return image, mask

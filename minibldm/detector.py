@@ -1,0 +1,114 @@
+"""The defect detector used to compare training data: a small segmentation U-Net.
+
+The same network, loss and schedule are trained from scratch for every data source, so the
+numbers differ only by the defect images given to it:
+
+  * `SegNet`: a U-Net with `channels` per level (default 16-32-64-128: three 2x2 max-pool
+    downsamplings, nearest upsampling, skip concatenation), each level two 3x3 conv +
+    GroupNorm + SiLU; a 1x1 conv gives one logit per pixel.
+  * `loss`: binary cross-entropy plus soft Dice over the whole batch (good images have an
+    all-zero target).
+  * `train`: Adam, cosine learning-rate decay to 0, batches from a callable.
+  * `anomaly_maps` (sigmoid of the logits) and `image_scores`: the maximum of the map averaged
+    over 21x21 windows (stride 1, padding 10, padded pixels not counted).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    channels: tuple[int, ...] = (16, 32, 64, 128)  # per level, full resolution first
+    groups: int = 8  # GroupNorm groups
+    out_bias: float = -3.0  # initial logit, a prior of about 5% defect pixels
+
+
+class Block(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, groups: int):
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(groups, c_out),
+                         nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1),
+                         nn.GroupNorm(groups, c_out), nn.SiLU())
+
+
+class SegNet(nn.Module):
+    """(B, 3, S, S) images in [-1, 1] -> (B, 1, S, S) defect logits; S a multiple of
+    2 ** (len(channels) - 1)."""
+
+    def __init__(self, config: DetectorConfig = DetectorConfig()):
+        super().__init__()
+        ch, g = config.channels, config.groups
+        self.down = nn.ModuleList([Block(c_in, c, g) for c_in, c in zip((3,) + ch[:-1], ch)])
+        self.up = nn.ModuleList([Block(ch[i + 1] + ch[i], ch[i], g)
+                                 for i in reversed(range(len(ch) - 1))])
+        self.out = nn.Conv2d(ch[0], 1, 1)
+        nn.init.constant_(self.out.bias, config.out_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for block in self.up:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            x = block(torch.cat([x, skips.pop()], 1))
+        return self.out(x)
+
+
+def loss(logits: Tensor, target: Tensor) -> Tensor:
+    """BCE + soft Dice (1 - (2 sum(p t) + 1) / (sum p + sum t + 1), over the whole batch)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+    return bce + dice
+
+
+def train(net: SegNet, batch: Callable[[int], tuple[Tensor, Tensor]], steps: int,
+          lr: float = 2e-3, device: str = "cpu",
+          log: Callable[[str], None] | None = None) -> list[float]:
+    """Train `net` for `steps` Adam steps; batch(step) -> (images (B, 3, S, S), masks (B, 1, S,
+    S)). The learning rate decays from `lr` to 0 along a half cosine. Returns the loss per step."""
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    losses, t0 = [], time.time()
+    every = max(1, steps // 20)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        images, masks = batch(step)
+        value = loss(net(images.to(device)), masks.to(device))
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+        if log is not None and ((step + 1) % every == 0 or step + 1 == steps):
+            recent = losses[-every:]
+            log(f"detector step {step + 1}/{steps}: loss {sum(recent) / len(recent):.4f} "
+                f"({time.time() - t0:.0f} s)")
+    net.eval()
+    return losses
+
+
+@torch.no_grad()
+def anomaly_maps(net: SegNet, images: Tensor, batch_size: int = 16,
+                 device: str = "cpu") -> Tensor:
+    """(N, 3, S, S) images -> (N, S, S) defect probabilities, on the CPU."""
+    net.eval()
+    out = [torch.sigmoid(net(images[i:i + batch_size].to(device)))[:, 0].cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else images.new_zeros(0, *images.shape[-2:])
+
+
+def image_scores(maps: Tensor, window: int = 21) -> Tensor:
+    """(N, S, S) maps -> (N,) scores: the maximum of the map's `window` x `window` mean."""
+    smooth = F.avg_pool2d(maps[:, None], window, stride=1, padding=window // 2,
+                          count_include_pad=False)
+    return smooth.flatten(1).amax(1)

@@ -1,0 +1,55 @@
+"""`python -m minibldm.sample` with no arguments: the bundled tiny model's demo, run as a user
+runs it, and what it must show: one defect image per category, masks inside the foreground, the
+background kept and a visible change inside the mask."""
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minibldm.demo import DEMO_DEFECTS
+from minibldm.sample import DEFAULT_WEIGHTS
+from minibldm.synth import CATEGORIES
+
+
+@pytest.mark.slow
+def test_demo_runs_from_nothing(tmp_path):
+    assert (DEFAULT_WEIGHTS / "config.json").is_file(), "weights/tiny is part of the repository"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "minibldm.sample"], cwd=tmp_path, capture_output=True,
+                       text=True)
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "minibldm_demo"
+    assert "minibldm_demo/preview.png" in r.stderr
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [row["category"] for row in rows] == list(DEMO_DEFECTS)
+    for row in rows:
+        cat = row["category"]
+        image = np.asarray(Image.open(out / row["image"]).convert("RGB")).astype(float)
+        mask = np.asarray(Image.open(out / row["mask"])) > 127
+        source = tmp_path / row["source"]  # relative to where the demo ran
+        good = np.asarray(Image.open(source).convert("RGB")).astype(float)
+        assert image.shape == good.shape and mask.shape == image.shape[:2]
+        assert row["stages"]["steps"] == 50 and len(row["prompt"]) > 0
+        assert row["prompt"] == f"a {CATEGORIES[cat]['object']} with a " \
+                                f"{CATEGORIES[cat]['defects'][DEMO_DEFECTS[cat]]}"
+        if not CATEGORIES[cat]["texture"]:  # the mask lies on the object
+            fg = np.asarray(Image.open(str(source).replace("/train/good/", "/foreground/train/good/"))) > 127
+            assert mask.sum() > 0 and (mask & ~fg).sum() == 0, cat
+        # the background is kept (the adaptation's job) and the defect region really changed
+        assert row["psnr_bg_after"] > 30, (cat, row["psnr_bg_after"])
+        assert np.abs(image - good)[mask].mean() > 10, cat
+    sheet = Image.open(out / "preview.png")
+    assert sheet.size[1] == len(rows) * image.shape[0]
+    print(f"demo: {seconds:.0f} s")
+
+    # a second run resumes: nothing is redone, the same files stay
+    before = {p: p.read_bytes() for p in out.rglob("*.png")}
+    r = subprocess.run([sys.executable, "-m", "minibldm.sample"], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*.png")} == before

@@ -1,0 +1,253 @@
+"""`python -m minibldm.evaluate`: the metrics against hand-computed cases, the synthetic defect
+baselines (masks match the changed pixels), the split guard, bad input, and a tiny end-to-end
+run on a synthetic dataset (deterministic)."""
+import contextlib
+import io
+import itertools
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from minibldm import baselines, metrics
+from minibldm.data import PairDataset, _Decoded, load_or_make_split, make_split, read_category
+from minibldm.evaluate import METRICS, main
+from minibldm.synth import image_rng, make_defect, make_good, write_dataset
+
+K = 2
+FAST = ["--k", str(K), "--steps", "3", "--size", "64", "--batch-size", "4"]
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+def test_perfect_inverted_and_constant_maps():
+    labels = np.array([0, 0, 1, 0, 1, 1, 0, 0])
+    perfect = np.where(labels == 1, 0.75, 0.25)
+    assert metrics.auroc(perfect, labels) == 1.0
+    assert metrics.average_precision(perfect, labels) == 1.0
+    assert metrics.f1_max(perfect, labels) == (1.0, 0.75, 1.0)
+    assert metrics.auroc(-perfect, labels) == 0.0
+    const = np.full(8, 0.3)
+    assert metrics.auroc(const, labels) == 0.5
+    assert metrics.average_precision(const, labels) == pytest.approx(3 / 8)  # the positive rate
+    f1, t, iou = metrics.f1_max(const, labels)  # everything positive: P = 3/8, R = 1
+    assert (f1, t, iou) == (pytest.approx(6 / 11), 0.3, pytest.approx(3 / 8))
+
+
+def test_ties_by_hand():
+    # scores 0.9 0.8 0.8 0.8 0.3 0.3, labels 1 1 0 0 1 0 (P = N = 3).
+    # AUROC: ranks from below, ties averaged: 0.3 -> 1.5, 0.8 -> 4, 0.9 -> 6. Positives: 6 + 4 +
+    #   1.5 = 11.5; U = 11.5 - 3*4/2 = 5.5; AUROC = 5.5 / 9. (Pairwise: 0.9 beats all 3 negatives;
+    #   the positive 0.8 ties two and beats one, 2; the positive 0.3 ties one, 0.5.)
+    # AP: t = 0.9: TP 1, FP 0 (P 1, R 1/3); t = 0.8: TP 2, FP 2 (P 1/2, R 2/3); t = 0.3: TP 3,
+    #   FP 3 (P 1/2, R 1). AP = 1/3 * 1 + 1/3 * 1/2 + 1/3 * 1/2 = 2/3.
+    # F1 = 2TP / (2TP + FP + FN): 2/4, 4/7, 6/9; best 2/3 at t = 0.3, IoU = 3 / (3 + 3) = 1/2.
+    s = [0.9, 0.8, 0.8, 0.8, 0.3, 0.3]
+    y = [1, 1, 0, 0, 1, 0]
+    for order in ([0, 1, 2, 3, 4, 5], [3, 2, 1, 5, 4, 0]):  # the order of tied items is irrelevant
+        so, yo = np.array(s)[order], np.array(y)[order]
+        assert metrics.auroc(so, yo) == pytest.approx(5.5 / 9)
+        assert metrics.average_precision(so, yo) == pytest.approx(2 / 3)
+        f1, t, iou = metrics.f1_max(so, yo)
+        assert (f1, t, iou) == (pytest.approx(2 / 3), 0.3, pytest.approx(0.5))
+
+
+def test_random_ties_against_definitions():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 6, 60) / 5  # many ties
+    y = rng.random(60) < 0.4
+    pos, neg = s[y], s[~y]
+    pairwise = np.mean([1.0 if a > b else 0.5 if a == b else 0.0
+                        for a, b in itertools.product(pos, neg)])
+    assert metrics.auroc(s, y) == pytest.approx(pairwise)
+    ap, last_recall = 0.0, 0.0  # sklearn's definition, one distinct threshold at a time
+    for t in sorted(set(s), reverse=True):
+        tp, fp = np.sum(y & (s >= t)), np.sum(~y & (s >= t))
+        ap += (tp / y.sum() - last_recall) * tp / (tp + fp)
+        last_recall = tp / y.sum()
+    assert metrics.average_precision(s, y) == pytest.approx(ap)
+    with pytest.raises(ValueError):
+        metrics.auroc(s, np.zeros(60))
+
+
+# ---- baselines: the mask covers every changed pixel -----------------------------------------
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = write_dataset(tmp_path_factory.mktemp("evaluate"), per_class=6, test_good=4,
+                         test_per_defect=4, size=64, categories=["washer"], log=None)
+    return root / "washer"
+
+
+def changed(a, b):
+    return (a != b).any(0)
+
+
+def test_crop_paste_changes_only_the_mask(data):
+    cat = read_category(data)
+    source = baselines.CropPaste(PairDataset(cat, make_split(cat, K, 0), size=64, seed=0))
+    decoded = _Decoded(cat, 64, None, 100)
+    for i in range(4):
+        item = source.pairs[i]
+        image, mask = source(i)
+        good = decoded.image(cat.root / item["info"]["good"]).float() / 127.5 - 1
+        assert mask.sum() > 0 and set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert not (changed(image, good) & (mask == 0)).any()
+        assert not ((mask > 0) & ~decoded.foreground(cat.root / item["info"]["good"])).any()
+
+
+def test_perlin_changes_only_the_mask():
+    g = torch.Generator().manual_seed(0)
+    noise = baselines.perlin_noise(64, (4, 8), g)
+    assert noise.shape == (64, 64) and noise.abs().max() < 1.5
+    assert torch.equal(noise, baselines.perlin_noise(64, (4, 8), torch.Generator().manual_seed(0)))
+    good = torch.rand(3, 64, 64, generator=g) * 2 - 1
+    other = torch.rand(3, 64, 64, generator=g) * 2 - 1
+    fg = torch.zeros(64, 64)
+    fg[8:56, 16:48] = 1
+    for _ in range(5):
+        source = baselines.anomaly_source(other, g)
+        image, mask, beta = baselines.perlin_defect(good, source, fg, g)
+        assert 0 <= beta < 0.8 and mask.sum() > 0
+        assert not ((mask > 0) & (fg == 0)).any()
+        assert not (changed(image, good) & (mask == 0)).any()
+        assert torch.allclose(image[:, mask > 0], ((1 - beta) * source + beta * good)[:, mask > 0])
+
+
+def test_perlin_source_on_a_dataset(data):
+    cat = read_category(data)
+    decoded = _Decoded(cat, 64, None, 100)
+    image, mask = baselines.Perlin(cat.good, decoded, seed=1)(3)
+    assert image.shape == (3, 64, 64) and mask.sum() > 0
+    again = baselines.Perlin(cat.good, decoded, seed=1)(3)
+    assert torch.equal(image, again[0]) and torch.equal(mask, again[1])
+
+
+def test_real_only_augmentation_keeps_image_and_mask_aligned(data):
+    cat = read_category(data)
+    # a synthetic defect image differs from its good scene only inside its mask
+    good, _ = make_good("washer", image_rng(0, "washer", "x", 0), 64)
+    bad, mask, _ = make_defect("washer", "crack", image_rng(0, "washer", "x", 0), 64)
+    good, bad = torch.from_numpy(good).permute(2, 0, 1), torch.from_numpy(bad).permute(2, 0, 1)
+    mask = torch.from_numpy(mask).float()
+    assert mask.sum() > 0 and not (changed(bad, good) & (mask == 0)).any()
+    for seed in range(8):
+        g, b, m = baselines.flip_rotate([good, bad, mask], torch.Generator().manual_seed(seed))
+        assert not (changed(b, g) & (m == 0)).any() and m.sum() == mask.sum()
+    # real-only gives the k training pairs as they are
+    split = make_split(cat, K, 0)
+    pairs = {t: [(i, m) for i, m in p if cat.rel(i) in split["defects"][t]["train"]]
+             for t, p in cat.defects.items()}
+    source = baselines.FixedPairs(pairs, _Decoded(cat, 64, None, 100), seed=0)
+    assert len(source) == K * len(cat.defects)
+    for i in range(6):
+        image, m = source(i)
+        assert any(torch.equal(image, x) and torch.equal(m, y)
+                   for items in source.items.values() for x, y in items)
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+def run(*args):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return SimpleNamespace(code=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def fake_generated(folder, data, source, mask_file):
+    """A minibldm.sample-like folder holding one training defect, with a manifest line."""
+    cat = read_category(data)
+    train = make_split(cat, K, 0)["defects"]["crack"]["train"][0]
+    image = cat.root / train
+    mask = cat.root / "ground_truth" / "crack" / (image.stem + "_mask.png")
+    (folder / "test" / "crack").mkdir(parents=True)
+    (folder / "ground_truth" / "crack").mkdir(parents=True)
+    shutil.copy(image, folder / "test" / "crack" / "000.png")
+    shutil.copy(mask, folder / "ground_truth" / "crack" / "000_mask.png")
+    record = {"index": 0, "source": str(source), "placement": {"mask_file": str(mask_file or mask)}}
+    (folder / "manifest.jsonl").write_text(json.dumps(record) + "\n")
+    return folder
+
+
+def test_generated_from_a_test_image_is_refused(tmp_path, data):
+    cat = read_category(data)
+    held = make_split(cat, K, 0)["defects"]["crack"]["test"][0]
+    held_mask = cat.root / "ground_truth" / "crack" / (cat.root / held).stem
+    cases = [(data / "test" / "good" / "000.png", None),  # a held-out good image as x_OK
+             (data / "train" / "good" / "000.png", f"{held_mask}_mask.png")]  # a held-out mask
+    for n, (source, mask_file) in enumerate(cases):
+        gen = fake_generated(tmp_path / f"gen{n}", data, source, mask_file)
+        r = run("--data", data, "--method", "minibldm", "--generated", gen, *FAST,
+                "--out", tmp_path / "r.json")
+        assert r.code == 2 and r.stdout == ""
+        assert len(r.stderr.strip().splitlines()) == 1 and "--generated" in r.stderr
+        assert "held-out" in r.stderr and not (tmp_path / "r.json").exists()
+    gen = tmp_path / "copy"  # a generated image that is a copy of a test image
+    fake_generated(gen, data, data / "train" / "good" / "000.png", None)
+    shutil.copy(cat.root / held, gen / "test" / "crack" / "001.png")
+    shutil.copy(f"{held_mask}_mask.png", gen / "ground_truth" / "crack" / "001_mask.png")
+    r = run("--data", data, "--method", "minibldm", "--generated", gen, *FAST)
+    assert r.code == 2 and "copy of the held-out" in r.stderr
+
+
+def test_split_file_gives_k_and_seed_and_overlap_is_refused(tmp_path, data):
+    (tmp_path / "run").mkdir()
+    load_or_make_split(tmp_path / "run" / "split.json", read_category(data), 3, 5)
+    r = run("--data", data, "--method", "real-only", "--split", tmp_path / "run" / "split.json",
+            "--steps", "1", "--size", "64", "--out", tmp_path / "run" / "r.json")
+    assert r.code == 0, r.stderr
+    res = json.loads((tmp_path / "run" / "r.json").read_text())
+    assert (res["settings"]["k"], res["settings"]["seed"]) == (3, 5)
+    assert res["split"]["train"] == {"crack": 3, "scratch": 3, "spot": 3}
+
+    split = make_split(read_category(data), K, 0)
+    split["defects"]["spot"]["train"].append(split["defects"]["spot"]["test"][0])
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    r = run("--data", data, "--method", "real-only", "--split", tmp_path / "split.json",
+            "--steps", "2", "--size", "64", "--out", tmp_path / "r.json")
+    assert r.code == 2 and "--split" in r.stderr and "both train and test" in r.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, data):
+    (tmp_path / "empty" / "test").mkdir(parents=True)
+    (tmp_path / "empty" / "manifest.jsonl").write_text("")
+    cases = [(["--data", tmp_path / "missing", "--method", "perlin"], "--data"),
+             (["--data", data, "--method", "gan"], "--method"),
+             (["--data", data, "--method", "minibldm"], "--generated"),
+             (["--data", data, "--method", "minibldm", "--generated", tmp_path / "empty"],
+              "--generated"),
+             (["--data", data, "--method", "perlin", "--size", "60"], "--size")]
+    for args, name in cases:
+        r = run(*args, "--k", K, "--out", tmp_path / "r.json")
+        assert r.code == 2, args
+        assert len(r.stderr.strip().splitlines()) == 1 and name in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_end_to_end_is_deterministic(tmp_path, data):
+    results = []
+    for n in range(2):
+        r = run("--data", data, "--method", "crop-paste", *FAST, "--out", tmp_path / f"r{n}.json")
+        assert r.code == 0, r.stderr
+        assert "| **mean** |" in r.stdout and "detector step 3/3" in r.stderr
+        assert (tmp_path / f"r{n}.md").read_text() == r.stdout
+        results.append(json.loads((tmp_path / f"r{n}.json").read_text()))
+    res = results[0]
+    assert set(res) >= {"settings", "per_type", "mean", "split", "test_good", "wall_seconds"}
+    assert set(res["per_type"]) == {"crack", "scratch", "spot"}
+    assert res["split"]["train"] == {"crack": K, "scratch": K, "spot": K}
+    for m in list(res["per_type"].values()) + [res["mean"]]:
+        assert all(0 <= m[k] <= 1 for k in METRICS)
+    assert res["per_type"] == results[1]["per_type"] and res["mean"] == results[1]["mean"]
+
+
+def test_minibldm_method_reads_a_generated_folder(tmp_path, data):
+    gen = fake_generated(tmp_path / "gen", data, data / "train" / "good" / "000.png", None)
+    r = run("--data", data, "--method", "minibldm", "--generated", gen, *FAST)
+    assert r.code == 0, r.stderr
+    assert "1 generated" in r.stderr and "| **mean** |" in r.stdout
