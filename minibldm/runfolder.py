@@ -108,17 +108,16 @@ def place_file(src: Path, dst: Path) -> None:
 
 
 def control_metadata(cats: list, splits: list[dict], defects: list[str] | None) -> dict[str, str]:
-    """control.safetensors' metadata: the defect folders it was trained on ("defects"), their
-    prompt names ("defect_names"), the object ("object", the first category's), and per object
-    its defect folders ("objects", JSON {object: [folders]})."""
-    objects, names = {}, {}
+    """control.safetensors' metadata: the defect folders it was trained on ("defects"), the
+    object ("object", the first category's), and per object its defect folders with their prompt
+    names ("objects", JSON {object: {folder: name}}; "defect_names" is the first category's)."""
+    objects = {}
     for c, s in zip(cats, splits):
         folders = list(defects or sorted(s["defects"]))
-        objects.setdefault(c.object_name, []).extend(folders)
-        names.update({d: c.defect_names.get(d, d) for d in folders})
-    every = sorted({d for folders in objects.values() for d in folders})
+        objects.setdefault(c.object_name, {}).update({d: c.defect_names.get(d, d) for d in folders})
+    every = sorted({d for names in objects.values() for d in names})
     return {"defects": json.dumps(every), "object": cats[0].object_name,
-            "defect_names": json.dumps(names), "objects": json.dumps(objects)}
+            "defect_names": json.dumps(objects[cats[0].object_name]), "objects": json.dumps(objects)}
 
 
 def write_trained(out: Path, nets: dict, trained: tuple[str, ...],

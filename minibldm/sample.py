@@ -237,6 +237,8 @@ def check_control_names(path: Path, defect: str) -> None:
     if "defects" in meta:
         names = json.loads(meta["defects"])
         names += list(json.loads(meta.get("defect_names", "{}")).values())  # the prompt's words
+        for per_object in json.loads(meta.get("objects", "{}")).values():
+            names += list(per_object.values())
         if names and defect not in names and defect.replace(" ", "_") not in names:
             raise UsageError(f"{path}: trained for defects {', '.join(names)}, not '{defect}'")
 

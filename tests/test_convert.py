@@ -216,3 +216,19 @@ def test_load_reports_missing_folder_and_files(tmp_path):
     (tmp_path / "w").mkdir()
     with pytest.raises(minibldm.io.WeightsError, match="config.json: no such file"):
         minibldm.load(tmp_path / "w")
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """mkstemp makes 0600 files and safetensors recreates its file; the result must be readable
+    like any other file the user writes (0666 minus the umask)."""
+    import os
+    import stat
+
+    from minibldm.io import save_atomic, write_text_atomic
+    umask = os.umask(0)
+    os.umask(umask)
+    save_atomic({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
+    write_text_atomic(tmp_path / "c.json", "{}")
+    for f in ("w.safetensors", "c.json"):
+        assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o666 & ~umask, f
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "w.safetensors"]

@@ -141,6 +141,8 @@ def bad_case(tmp_path, inputs, how):
         (tmp_path / "out").write_text("x")
     elif how == "n <= 0":
         args = ["-n", "0"]
+    elif how == "adapt blocks < 0":
+        args = ["--adapt-blocks", "-1"]
     elif how == "untrained defect":
         from safetensors.torch import load_file, save_file
         sd = load_file(str(weights / "control.safetensors"))
@@ -160,6 +162,7 @@ def bad_case(tmp_path, inputs, how):
     ("unreadable image", "x.png"), ("empty mask", "the mask is empty"),
     ("mask size", "mask is 30x20 but its image"), ("out is a file", "is not a folder"),
     ("n <= 0", "-n must be positive"), ("untrained defect", "not 'crack'"),
+    ("adapt blocks < 0", "--adapt-blocks must be >= 0"),
     ("control mismatch", "zero_convs.0.0.weight has shape"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, inputs, how, needle):

@@ -410,9 +410,9 @@ def test_control_branch_for_several_categories(pill, tiny_weights, tmp_path):
         meta = f.metadata()
     objects = json.loads(meta["objects"])
     washer_name = read_category(washer).object_name  # from meta.json: "metal washer"
-    assert objects == {"pill": ["crack", "spot", "stain"],
-                       washer_name: sorted(read_category(washer).defects)}
-    assert json.loads(meta["defects"]) == sorted(set(objects["pill"] + objects[washer_name]))
+    assert objects == {"pill": {"crack": "crack", "spot": "black specks", "stain": "stain"},
+                       washer_name: read_category(washer).defect_names}
+    assert json.loads(meta["defects"]) == sorted(set(objects["pill"]) | set(objects[washer_name]))
 
     # samples alternate between the categories
     parsed = train.parse_args([str(a) for a in (*args[:5], pill, washer, *args[6:])])

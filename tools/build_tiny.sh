@@ -25,6 +25,6 @@ python -m minibldm.train --stage control --weights "$W/text" --data $D --out "$W
     --size 128 --steps "${CONTROL_STEPS:-3000}" --batch-size 16 --lr 1e-4 --k 10 --seed 0 \
     --device "$DEV" --log-every 50
 python "$REPO/tools/pack_weights.py" "$W/control" "$REPO/weights/tiny" --dtype float16
-python "$REPO/tools/measure_tiny_quality.py" --data "$W/data" --out "$W/quality" -n 6 \
+python "$REPO/tools/measure_tiny_quality.py" --data "$W/data" --out "$W/quality" -n 4 \
     --json "$W/quality.json"
 python "$REPO/tools/export_vectors.py" "$REPO/tests/vectors/tiny.safetensors"

@@ -1,0 +1,316 @@
+"""Side-by-side speed benchmark: minibldm against diffusers on the same device, with the same
+random weights (diffusers' networks converted by minibldm.convert, as users convert theirs).
+
+    python tools/bench.py [--device cpu|cuda] [--size sd15|tiny] [--dtype float32 bfloat16]
+                          [--parts peak step adapt pipeline] [--compile] [--repeats 3] --out BENCH.json
+
+Parts (medians of --repeats timed runs after one warm-up):
+  peak      the device's matmul throughput (4096^2 on GPUs, 2048^2 on CPUs), GFLOP/s per dtype
+  step      one guided denoising step, batch 1 (both guidance halves), 32x32 latent, UNet + trimap
+            branch: minibldm eager (the branch once, shared by both halves), minibldm compiled
+            (--compile), and diffusers UNet2DConditionModel + ControlNetModel eager the way its
+            ControlNet pipeline runs them (the branch on both halves, reading the empty prompt
+            as AdaBLDM's reference code does); FLOPs counted by
+            torch.utils.flop_counter, so GFLOP/s and the fraction of the matmul peak follow
+  adapt     one decoder-adaptation iteration (forward, loss, backward, AdamW) at 256x256:
+            minibldm.adapt_decoder against a plain loop over diffusers' AutoencoderKL decoder;
+            float32, and minibldm under bfloat16 autocast when bfloat16 is asked for
+  pipeline  the whole default method for one image (minibldm.sample.defect_image, 50 steps and
+            200 adaptation steps) with weights/tiny: wall time and peak memory (a subprocess's
+            max RSS on CPU, max_memory_allocated on a GPU)
+The JSON holds every timing, the device, torch and diffusers versions and the date.
+"""
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parent.parent
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int, warmup: int = 1) -> dict:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "runs_s": times}
+
+
+def flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device, dtype, repeats) -> float:
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    r = timed(lambda: a @ b, device, max(repeats, 5))
+    return 2 * n ** 3 / r["median_s"] / 1e9
+
+
+def unet_configs(size: str):
+    from minibldm.config import SD15, TINY
+    return (SD15 if size == "sd15" else TINY).unet
+
+
+def diffusers_pair(cfg):
+    import diffusers
+    levels = len(cfg.channel_mult)
+    attn = [2 ** i in cfg.attention_resolutions for i in range(levels)]
+    kw = dict(block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
+              down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+              layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
+              attention_head_dim=cfg.num_heads, norm_num_groups=cfg.norm_num_groups,
+              in_channels=cfg.in_channels, transformer_layers_per_block=cfg.transformer_depth)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    unet = diffusers.UNet2DConditionModel(out_channels=cfg.out_channels, up_block_types=up, **kw)
+    ctrl = diffusers.ControlNetModel(conditioning_channels=cfg.hint_channels, **kw)
+    with torch.no_grad():  # non-zero zero-convs, so the residuals are real work and real values
+        for name, p in ctrl.named_parameters():
+            if "zero_conv" in name or "controlnet_" in name:
+                p.normal_(0, 0.01)
+    return unet.eval(), ctrl.eval()
+
+
+@torch.no_grad()
+def bench_step(args, device, results):
+    from minibldm.control import ControlNet
+    from minibldm.convert import control_from_diffusers, unet_from_diffusers
+    from minibldm.io import load_into
+    from minibldm.sampler import guided_eps
+    from minibldm.unet import UNet
+
+    cfg = unet_configs(args.size)
+    torch.manual_seed(0)
+    ref_unet, ref_ctrl = diffusers_pair(cfg)
+    unet = load_into(UNet(cfg), unet_from_diffusers(ref_unet.state_dict(), cfg), "diffusers", "UNet").eval()
+    ctrl = load_into(ControlNet(cfg), control_from_diffusers(ref_ctrl.state_dict(), cfg), "diffusers",
+                     "control").eval()
+    latent = 32 if args.size == "sd15" else 16
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, latent, latent, generator=g)
+    cond, uncond = torch.randn(2, 1, 77, cfg.context_dim, generator=g)
+    hint = (torch.rand(1, 3, latent * 8, latent * 8, generator=g) > 0.5).float()
+    t = torch.tensor([501])
+    out = {}
+    for dname in args.dtype:
+        dt = DTYPES[dname]
+        nets = [m.to(device, dt) for m in (ref_unet, ref_ctrl, unet, ctrl)]
+        zz, cc, uu, hh, tt = (x.to(device, dt) if x.is_floating_point() else x.to(device)
+                              for x in (z, cond, uncond, hint, t))
+
+        def diffusers_step():
+            lat, ctx = torch.cat([zz, zz]), torch.cat([cc, uu])
+            # the branch reads the empty prompt (AdaBLDM's reference code), on both halves
+            down, mid = nets[1](lat, torch.cat([tt, tt]), torch.cat([uu, uu]),
+                                controlnet_cond=torch.cat([hh, hh]), return_dict=False)
+            e = nets[0](lat, torch.cat([tt, tt]), ctx, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).sample
+            e_c, e_u = e.chunk(2)
+            return e_u + 9.0 * (e_c - e_u)
+
+        ours = guided_eps(nets[2], nets[3], cc, uu, hh, 9.0)
+        row = {}
+        for name, fn in (("diffusers", diffusers_step), ("minibldm", lambda: ours(zz, tt))):
+            row[name] = timed(fn, device, args.repeats)
+            row[name]["gflop"] = flops(fn) / 1e9
+            print(f"step {dname} {name}: {row[name]['median_s']:.3f} s", file=sys.stderr, flush=True)
+        ref = diffusers_step().float()
+        row["relative_difference"] = ((ours(zz, tt).float() - ref).norm() / ref.norm()).item()
+        if args.compile:
+            cu, cctrl = torch.compile(nets[2]), torch.compile(nets[3])
+            compiled = guided_eps(cu, cctrl, cc, uu, hh, 9.0)
+            t0 = time.perf_counter()
+            compiled(zz, tt)
+            sync(device)
+            row["minibldm_compiled"] = timed(lambda: compiled(zz, tt), device, args.repeats)
+            row["minibldm_compiled"]["compile_s"] = time.perf_counter() - t0
+            row["compiled_vs_eager_max_abs"] = (compiled(zz, tt).float() - ours(zz, tt).float()).abs().max().item()
+            print(f"step {dname} compiled: {row['minibldm_compiled']['median_s']:.3f} s", file=sys.stderr)
+        row["speedup_vs_diffusers"] = row["diffusers"]["median_s"] / row["minibldm"]["median_s"]
+        peak = results.get("peak_gflops", {}).get(dname)
+        for name in ("diffusers", "minibldm"):
+            row[name]["gflops_per_s"] = row[name]["gflop"] / row[name]["median_s"]
+            if peak:
+                row[name]["fraction_of_matmul_peak"] = row[name]["gflops_per_s"] / peak
+        out[dname] = row
+    results["step"] = out
+    del ref_unet, ref_ctrl, unet, ctrl
+
+
+def sd_vae(size: str):
+    import diffusers
+    if size == "sd15":
+        return diffusers.AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=256)
+    return diffusers.AutoencoderKL(
+        block_out_channels=(16, 32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=128)
+
+
+def bench_adapt(args, device, results):
+    from minibldm.adapt import adapt_decoder, adaptation_loss
+    from minibldm.autoencoder import Autoencoder
+    from minibldm.config import SD15, TINY
+    from minibldm.convert import autoencoder_from_diffusers
+    from minibldm.io import load_into
+
+    cfg = (SD15 if args.size == "sd15" else TINY).autoencoder
+    res = 256 if args.size == "sd15" else 128
+    torch.manual_seed(0)
+    vae = sd_vae(args.size).eval()
+    ae = load_into(Autoencoder(cfg), autoencoder_from_diffusers(vae.state_dict()), "diffusers", "VAE").eval()
+    vae, ae = vae.to(device), ae.to(device)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, res // 8, res // 8, generator=g).to(device)
+    x_ok = (torch.rand(1, 3, res, res, generator=g) * 2 - 1).to(device)
+    mask = torch.zeros(1, 1, res, res, device=device)
+    mask[..., res // 4: res // 2, res // 3: res // 2] = 1
+    with torch.no_grad():
+        h = ae.decoder_input(z)
+        x_fg = vae.decoder(vae.post_quant_conv(z / cfg.scale_factor))
+    n = args.repeats + 1
+
+    def per_step(times):
+        return {"median_s": statistics.median(times[1:]), "runs_s": times[1:]}
+
+    def ours(autocast: bool):
+        stamps = [time.perf_counter()]
+
+        def cb(step, loss):
+            sync(device)
+            stamps.append(time.perf_counter())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            _, losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=n, callback=cb)
+        return per_step([b - a for a, b in zip(stamps, stamps[1:])]), losses
+
+    def theirs():
+        dec = copy.deepcopy(vae.decoder).train()
+        opt = torch.optim.AdamW(dec.parameters(), lr=1e-4)
+        hin = vae.post_quant_conv(z / cfg.scale_factor).detach()
+        times, losses = [], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            out = dec(hin)
+            loss = adaptation_loss(out, x_fg, x_ok, mask)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return per_step(times), losses
+
+    row = {}
+    row["diffusers_float32"], l_ref = theirs()
+    row["minibldm_float32"], l_ours = ours(False)
+    row["first_loss_float32"] = {"diffusers": l_ref[0], "minibldm": l_ours[0]}
+    if "bfloat16" in args.dtype:
+        row["minibldm_bf16_autocast"], l_bf = ours(True)
+        row["first_loss_bf16"] = l_bf[0]
+    for k in [k for k in row if k.startswith("minibldm_")]:
+        row[k]["speedup_vs_diffusers_float32"] = row["diffusers_float32"]["median_s"] / row[k]["median_s"]
+    for k, v in row.items():
+        if isinstance(v, dict) and "median_s" in v:
+            print(f"adapt {k}: {v['median_s']:.3f} s/iteration", file=sys.stderr, flush=True)
+    results["adapt"] = row
+
+
+PIPELINE = """
+import json, resource, sys, time, torch
+import minibldm
+from minibldm.ddim import alphas_cumprod
+from minibldm.masks import trimap
+from minibldm.sample import defect_image
+from minibldm.sampler import Stages, gaussian
+dev = torch.device(sys.argv[1]); m = minibldm.load(sys.argv[2], device=dev)
+S = json.load(open(sys.argv[2] + "/config.json"))["image_size"]
+x = torch.rand(1, 3, S, S, device=dev) * 2 - 1
+mask = torch.zeros(S, S); mask[S // 4: S // 2, S // 3: S // 2] = 1
+hint = trimap(mask, torch.ones(S, S))[None].to(dev)
+with torch.no_grad():
+    cond, uncond = m.text_encoder(m.tokenizer(["a pill with a crack", ""]).to(dev)).chunk(2)
+if dev.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+t0 = time.perf_counter()
+defect_image(m, x, mask[None, None].to(dev), hint, cond, uncond, Stages(), gaussian(torch.Generator(dev).manual_seed(0)))
+if dev.type == "cuda":
+    torch.cuda.synchronize()
+wall = time.perf_counter() - t0
+peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": wall, "peak_bytes": peak}))
+"""
+
+
+def bench_pipeline(args, device, results):
+    weights = REPO / "weights" / "tiny"
+    runs = []
+    for _ in range(max(1, args.repeats)):
+        r = subprocess.run([sys.executable, "-c", PIPELINE, device.type, str(weights)],
+                           capture_output=True, text=True, check=True)
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    results["pipeline_tiny"] = {"median_s": statistics.median(r["seconds"] for r in runs),
+                                "peak_bytes": max(r["peak_bytes"] for r in runs), "runs": runs,
+                                "memory": "max RSS of the process" if device.type == "cpu"
+                                else "torch.cuda.max_memory_allocated"}
+    print(f"pipeline (tiny): {results['pipeline_tiny']['median_s']:.1f} s per image", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", choices=("sd15", "tiny"), default="sd15")
+    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    p.add_argument("--parts", nargs="+", default=["peak", "step", "adapt", "pipeline"],
+                   choices=("peak", "step", "adapt", "pipeline"))
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    import diffusers
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+               "torch": torch.__version__, "diffusers": diffusers.__version__,
+               "date": datetime.date.today().isoformat(), "size": args.size,
+               "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+    if "peak" in args.parts:
+        results["peak_gflops"] = {d: matmul_peak(device, DTYPES[d], args.repeats) for d in args.dtype}
+        print(f"matmul peak: {results['peak_gflops']}", file=sys.stderr, flush=True)
+    if "step" in args.parts:
+        bench_step(args, device, results)
+    if "adapt" in args.parts:
+        bench_adapt(args, device, results)
+    if "pipeline" in args.parts:
+        bench_pipeline(args, device, results)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
