@@ -17,7 +17,7 @@ Parts (medians of --repeats timed runs after one warm-up):
             float32, and minibldm under bfloat16 autocast when bfloat16 is asked for
   pipeline  the whole default method for one image (minibldm.sample.defect_image, 50 steps and
             200 adaptation steps) with weights/tiny: wall time and peak memory (a subprocess's
-            max RSS on CPU, max_memory_allocated on a GPU)
+            peak RSS on CPU, max_memory_allocated on a GPU)
 The JSON holds every timing, the device, torch and diffusers versions and the date.
 """
 import argparse
@@ -241,7 +241,7 @@ def bench_adapt(args, device, results):
 
 
 PIPELINE = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 import minibldm
 from minibldm.ddim import alphas_cumprod
 from minibldm.masks import trimap
@@ -261,7 +261,10 @@ defect_image(m, x, mask[None, None].to(dev), hint, cond, uncond, Stages(), gauss
 if dev.type == "cuda":
     torch.cuda.synchronize()
 wall = time.perf_counter() - t0
-peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def hwm():  # this process's peak RSS; ru_maxrss would carry over the parent's across fork + exec
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else hwm()
 print(json.dumps({"seconds": wall, "peak_bytes": peak}))
 """
 
@@ -275,7 +278,7 @@ def bench_pipeline(args, device, results):
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
     results["pipeline_tiny"] = {"median_s": statistics.median(r["seconds"] for r in runs),
                                 "peak_bytes": max(r["peak_bytes"] for r in runs), "runs": runs,
-                                "memory": "max RSS of the process" if device.type == "cpu"
+                                "memory": "peak RSS (VmHWM) of the process" if device.type == "cpu"
                                 else "torch.cuda.max_memory_allocated"}
     print(f"pipeline (tiny): {results['pipeline_tiny']['median_s']:.1f} s per image", file=sys.stderr)
 
