@@ -37,7 +37,6 @@ line on stderr naming the argument, exit status 2, with nothing written.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -50,7 +49,7 @@ import torch
 from . import baselines, detector, metrics
 from .data import (Category, DataError, PairDataset, _Decoded, _images, _mask_of,
                    load_or_make_split, make_split, read_category)
-from .io import write_text_atomic
+from .io import file_sha256, write_text_atomic
 
 METHODS = ("minibldm", "crop-paste", "perlin", "real-only")
 METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_iou", "image_auroc", "image_ap")
@@ -157,9 +156,6 @@ def split_pairs(category: Category, split: dict, part: str) -> dict[str, list[tu
     return out
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
 
 def check_generated(folders: list[Path], category: Category,
                     held_out: list[Path]) -> dict[str, list[tuple[Path, Path]]]:
@@ -169,12 +165,12 @@ def check_generated(folders: list[Path], category: Category,
     file may be a copy of one."""
     by_path = {p.resolve(): category.rel(p) for p in held_out}
     by_tail = set(by_path.values())
-    by_hash = {_sha256(p): category.rel(p) for p in held_out}
+    by_hash = {file_sha256(p): category.rel(p) for p in held_out}
 
     def held(name: str) -> str | None:
         p = Path(name)
         if p.is_file():
-            return by_path.get(p.resolve()) or by_hash.get(_sha256(p))
+            return by_path.get(p.resolve()) or by_hash.get(file_sha256(p))
         tail = "/".join(p.parts[-3:])
         return tail if tail in by_tail else None
 
@@ -209,9 +205,10 @@ def check_generated(folders: list[Path], category: Category,
                     raise UsageError(f"--generated {image}: no mask "
                                      f"{mask_dir / (image.stem + '_mask.png')}")
                 for f in (image, mask):
-                    if _sha256(f) in by_hash:
+                    copied = by_hash.get(file_sha256(f))
+                    if copied:
                         raise UsageError(f"--generated {f}: is a copy of the held-out test file "
-                                         f"{by_hash[_sha256(f)]}")
+                                         f"{copied}")
                 out.setdefault(d.name, []).append((image, mask))
                 found += 1
         if not found:

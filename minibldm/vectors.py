@@ -25,7 +25,6 @@ Components (shapes for the tiny model: 128 px images, 16 x 16 x 4 latents, 128-w
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from .ddim import alphas_cumprod, ddim_step
-from .io import save_atomic
+from .io import file_sha256, save_atomic
 from .masks import trimap
 from .sample import defect_image
 from .sampler import Stages
@@ -83,9 +82,6 @@ DESCRIPTIONS = {
     "sample.out.losses": "adaptation loss before each step, then after the last, (steps + 1,)",
 }
 
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class Tape:
@@ -187,7 +183,7 @@ def export(m: Models, weights_dir: str | Path, path: str | Path, seed: int = 0) 
     """Compute every entry for the model of `weights_dir` and write them to `path`."""
     tensors = compute(m, make_inputs(m, seed), seed=seed)
     wdir = Path(weights_dir)
-    files = {name: _sha256(wdir / f) for name, f in FILES.items() if (wdir / f).is_file()}
+    files = {name: file_sha256(wdir / f) for name, f in FILES.items() if (wdir / f).is_file()}
     meta = {"descriptions": json.dumps(DESCRIPTIONS), "prompts": json.dumps(PROMPTS),
             "sample": json.dumps(SAMPLE), "tolerance": json.dumps(TOLERANCE),
             "weights": json.dumps(files), "seed": str(seed), "torch": torch.__version__}
