@@ -14,11 +14,13 @@ computed once. The caller's decoder is never modified, so nothing leaks from one
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Callable
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.func import functional_call, stack_module_state, vmap
 
 
 def adaptation_loss(out: Tensor, x_fg: Tensor, x_ok: Tensor, mask: Tensor,
@@ -32,7 +34,7 @@ def adaptation_loss(out: Tensor, x_fg: Tensor, x_ok: Tensor, mask: Tensor,
 def adapt_decoder(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, steps: int = 200,
                   lr: float = 1e-4, fg_weight: float = 1.0, bg_weight: float = 100.0,
                   callback: Callable[[int, float], None] | None = None,
-                  blocks: int | None = None) -> tuple[Tensor, list[float]]:
+                  blocks: int | None = None, compile: bool = False) -> tuple[Tensor, list[float]]:
     """Fine-tune a copy of `decoder` on one image and return (its output, the loss per step).
 
     decoder: the autoencoder's `decoder` (post_quant_conv excluded); h: its input for z*
@@ -44,7 +46,14 @@ def adapt_decoder(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, ste
     upsampling levels; the stages before them (Decoder.stages) are frozen, so their output is
     computed once and each step runs forward and backward through the tail alone. None (or
     len(decoder.up) + 1, which includes conv_in + mid) trains the whole decoder.
+
+    compile: run each step's forward, loss and backward through torch.compile (inductor fuses
+    the norms, activations and the loss). The graph is built once per decoder and reused for
+    every image: the copy's parameters are passed in as tensors (torch.func.functional_call).
     """
+    if compile:
+        return _adapt_compiled(decoder, h, x_ok, mask, steps, lr, fg_weight, bg_weight, callback,
+                               blocks)
     with torch.no_grad():
         x_fg = decoder(h)
     tuned = copy.deepcopy(decoder).train()
@@ -81,3 +90,117 @@ def adapt_decoder(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, ste
         out = forward()
         losses.append(adaptation_loss(out, x_fg, x_ok, mask, fg_weight, bg_weight).item())
     return out, losses
+
+
+class _Tail(nn.Module):
+    """The decoder's stages from `first` on, as one module (for torch.func.functional_call)."""
+
+    def __init__(self, decoder: nn.Module, first: int):
+        super().__init__()
+        self.decoder, self.first = decoder, first
+
+    def forward(self, h: Tensor) -> Tensor:
+        for fn, _ in self.decoder.stages()[self.first:]:
+            h = fn(h)
+        return h
+
+
+def adapt_decoders(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, steps: int = 200,
+                   lr: float = 1e-4, fg_weight: float = 1.0, bg_weight: float = 100.0,
+                   callback: Callable[[int, float], None] | None = None,
+                   blocks: int | None = None) -> tuple[Tensor, list[list[float]]]:
+    """adapt_decoder for a batch of B images at once, each with its own copy of the decoder.
+
+    The B copies' parameters are stacked along a new first dimension (torch.func) and one
+    vmapped forward and backward serves all of them: image b's loss reaches only copy b, and
+    AdamW's update is elementwise, so each copy follows exactly the path it would alone (equal
+    to adapt_decoder image by image up to floating-point summation order). Returns (the B
+    outputs, per image the loss per step); callback(step, mean loss over the batch).
+    """
+    if blocks is not None and blocks < 0:
+        raise ValueError(f"blocks must be >= 0, got {blocks}")
+    b = h.shape[0]
+    with torch.no_grad():
+        x_fg = decoder(h)
+        stages = decoder.stages()
+        frozen = 0 if blocks is None else max(0, len(stages) - 1 - blocks)
+        start = h
+        for fn, _ in stages[:frozen]:
+            start = fn(start)
+    tail = _Tail(copy.deepcopy(decoder).train(), frozen)
+    trained = {id(p) for _, modules in tail.decoder.stages()[frozen:] for m in modules
+               for p in m.parameters()}
+    params, buffers = stack_module_state([tail] * b)  # copies: B independent leaf tensors each
+    params = {n: params[n] for n, p in tail.named_parameters() if id(p) in trained}
+    fixed = {n: p.detach() for n, p in tail.named_parameters() if n not in params}
+
+    def one(p, x, fg, ok, m):  # one image: its parameters and (1, ...) tensors
+        out = functional_call(tail, ({**fixed, **p}, {k: v[0] for k, v in buffers.items()}), (x,))
+        return out, adaptation_loss(out, fg, ok, m, fg_weight, bg_weight)
+
+    batched = vmap(one, in_dims=(0, 0, 0, 0, 0))
+    split = [t.unsqueeze(1) for t in (start, x_fg, x_ok, mask)]
+    opt = torch.optim.AdamW(list(params.values()), lr=lr)
+    losses: list[list[float]] = [[] for _ in range(b)]
+    for step in range(steps):
+        _, loss = batched(params, *split)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        for i, v in enumerate(loss.tolist()):
+            losses[i].append(v)
+        if callback is not None:
+            callback(step, sum(loss.tolist()) / b)
+    with torch.no_grad():
+        out, loss = batched(params, *split)
+    for i, v in enumerate(loss.tolist()):
+        losses[i].append(v)
+    return out.squeeze(1), losses
+
+
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(decoder: nn.Module, frozen: int) -> Callable:
+    """torch.compile of (parameters, tail input, targets) -> (output, loss) for this decoder's
+    stages from `frozen` on; one per (decoder, frozen), so later images reuse the graph."""
+    per_decoder = _COMPILED.setdefault(decoder, {})
+    if frozen not in per_decoder:
+        tail = _Tail(copy.deepcopy(decoder), frozen)  # a template: parameters come as arguments
+
+        def step(params, start, x_fg, x_ok, mask, fg_weight, bg_weight):
+            out = functional_call(tail, params, (start,))
+            return out, adaptation_loss(out, x_fg, x_ok, mask, fg_weight, bg_weight)
+        per_decoder[frozen] = torch.compile(step)
+    return per_decoder[frozen]
+
+
+def _adapt_compiled(decoder, h, x_ok, mask, steps, lr, fg_weight, bg_weight, callback, blocks):
+    """adapt_decoder through the compiled step; the same optimisation, fused kernels."""
+    if blocks is not None and blocks < 0:
+        raise ValueError(f"blocks must be >= 0, got {blocks}")
+    with torch.no_grad():
+        x_fg = decoder(h)
+        stages = decoder.stages()
+        frozen = 0 if blocks is None else max(0, len(stages) - 1 - blocks)
+        start = h
+        for fn, _ in stages[:frozen]:
+            start = fn(start)
+    step = _compiled_step(decoder, frozen)
+    trained = {id(p) for _, modules in stages[frozen:] for m in modules for p in m.parameters()}
+    params = {f"decoder.{n}": p.detach().clone().requires_grad_(id(p) in trained)
+              for n, p in decoder.named_parameters()}
+    opt = torch.optim.AdamW([p for p in params.values() if p.requires_grad], lr=lr)
+    losses = []
+    for i in range(steps):
+        _, loss = step(params, start, x_fg, x_ok, mask, fg_weight, bg_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if callback is not None:
+            callback(i, losses[-1])
+    with torch.no_grad():
+        out, loss = step(params, start, x_fg, x_ok, mask, fg_weight, bg_weight)
+    losses.append(loss.item())
+    return out.detach(), losses

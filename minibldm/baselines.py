@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data import PairDataset, _Decoded
+from .data import DecodedImages, PairDataset
 
 
 def stream(seed: int, name: str, i: int) -> torch.Generator:
@@ -57,7 +57,7 @@ def _as_float(image: Tensor) -> Tensor:
 class FixedPairs:
     """Defect images and masks as given, read once at S x S: {type: [(image path, mask path)]}."""
 
-    def __init__(self, pairs: dict[str, list[tuple[Path, Path]]], decoded: _Decoded,
+    def __init__(self, pairs: dict[str, list[tuple[Path, Path]]], decoded: DecodedImages,
                  seed: int = 0):
         self.types = sorted(t for t in pairs if pairs[t])
         self.items = {t: [(_as_float(decoded.image(i)), decoded.mask(m).float())
@@ -161,7 +161,7 @@ def perlin_defect(good: Tensor, source: Tensor, foreground: Tensor,
 class Perlin:
     """DRAEM-style anomalies on the good training images (their foregrounds from `decoded`)."""
 
-    def __init__(self, good: list[Path], decoded: _Decoded, seed: int = 0):
+    def __init__(self, good: list[Path], decoded: DecodedImages, seed: int = 0):
         self.good, self.decoded, self.seed = good, decoded, seed
 
     def __call__(self, i: int) -> tuple[Tensor, Tensor]:

@@ -156,12 +156,12 @@ class Category:
         return Path(path).relative_to(self.root).as_posix()
 
 
-def _images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file()
                   and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_mask"))
 
 
-def _mask_of(image: Path, folder: Path) -> Path | None:
+def mask_of(image: Path, folder: Path) -> Path | None:
     for name in (image.stem + "_mask", image.stem):
         for suffix in IMAGE_SUFFIXES:
             p = folder / (name + suffix)
@@ -200,10 +200,10 @@ def read_category(root: str | Path, texture: bool | None = None,
         layout, good_dir, defects_dir = "plain", root / "good", root / "defects"
     else:
         raise DataError(f"{root}: neither train/good/ (MVTec AD layout) nor good/ (plain layout)")
-    good = _images(good_dir)
+    good = list_images(good_dir)
     if not good:
         raise DataError(f"{good_dir}: no good images ({', '.join(IMAGE_SUFFIXES)})")
-    test_good = _images(root / "test" / "good") if layout == "mvtec" and \
+    test_good = list_images(root / "test" / "good") if layout == "mvtec" and \
         (root / "test" / "good").is_dir() else []
 
     defects = {}
@@ -213,8 +213,8 @@ def read_category(root: str | Path, texture: bool | None = None,
             continue
         mask_dir = root / "ground_truth" / folder.name if layout == "mvtec" else folder
         pairs = []
-        for image in _images(folder):
-            mask = _mask_of(image, mask_dir)
+        for image in list_images(folder):
+            mask = mask_of(image, mask_dir)
             if mask is None:
                 raise DataError(f"{image}: defect image without a mask (looked for "
                                 f"{mask_dir / (image.stem + '_mask.png')})")
@@ -304,7 +304,7 @@ def default_prompt(object_name: str, defect: str | None) -> str:
     return f"a {object_name} with a {defect}" if defect else f"a {object_name}"
 
 
-class _Decoded:
+class DecodedImages:
     """Decoded images at one size, kept in a small LRU cache: uint8 (3, S, S) images, bool
     (S, S) masks and foregrounds."""
 
@@ -378,7 +378,7 @@ class PairDataset(torch.utils.data.Dataset):
             if not self.train[name]:
                 raise DataError(f"{category.root}: the split has no training image of {name!r}")
         self.defects = names
-        self.decoded = _Decoded(category, size, cache_dir, cache_size)
+        self.decoded = DecodedImages(category, size, cache_dir, cache_size)
 
     def __len__(self) -> int:
         return self.length
@@ -420,22 +420,23 @@ class GoodDataset(torch.utils.data.Dataset):
     prompt replaced by "" with probability `p_empty_prompt`, all drawn from (seed, i) alone; so
     a `length` of N·epochs gives every epoch its own flips and stays exactly reproducible.
     `prompt_fn(object_name, defect name or None)` makes the prompts (default `default_prompt`).
+    `defect_repeat` R lists each defect image R times, so an epoch shows it R times.
     Returns {"image": (3, S, S) in [-1, 1], "prompt": str, "defect": folder or ""}.
     """
 
     def __init__(self, category: Category, size: int = 256, seed: int = 0,
                  prompt_fn: Callable[[str, str | None], str] = default_prompt,
                  split: dict | None = None, p_empty_prompt: float = 0.1,
-                 length: int | None = None, cache_size: int = 2048):
+                 length: int | None = None, cache_size: int = 2048, defect_repeat: int = 1):
         self.items = [(p, "") for p in category.good]
         for name, part in (split or {"defects": {}})["defects"].items():
             chosen = set(part["train"])
             self.items += [(img, name) for img, _ in category.defects.get(name, [])
-                           if category.rel(img) in chosen]
+                           if category.rel(img) in chosen] * defect_repeat
         self.category, self.size, self.seed, self.prompt_fn = category, size, seed, prompt_fn
         self.p_empty_prompt = p_empty_prompt
         self.length = length if length is not None else len(self.items)
-        self.decoded = _Decoded(category, size, None, cache_size)
+        self.decoded = DecodedImages(category, size, None, cache_size)
 
     def __len__(self) -> int:
         return self.length

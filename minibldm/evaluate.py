@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from . import baselines, detector, metrics
-from .data import (Category, DataError, PairDataset, _Decoded, _images, _mask_of,
+from .data import (Category, DataError, DecodedImages, PairDataset, list_images, mask_of,
                    load_or_make_split, make_split, read_category)
 from .io import file_sha256, write_text_atomic
 
@@ -199,8 +199,8 @@ def check_generated(folders: list[Path], category: Category,
         found = 0
         for d in sorted(p for p in test.iterdir() if p.is_dir()) if test.is_dir() else ():
             mask_dir = folder / "ground_truth" / d.name
-            for image in _images(d):
-                mask = _mask_of(image, mask_dir)
+            for image in list_images(d):
+                mask = mask_of(image, mask_dir)
                 if mask is None:
                     raise UsageError(f"--generated {image}: no mask "
                                      f"{mask_dir / (image.stem + '_mask.png')}")
@@ -219,7 +219,7 @@ def check_generated(folders: list[Path], category: Category,
 
 # ---- training and scoring -------------------------------------------------------------------
 
-def defect_source(args, category: Category, split: dict, decoded: _Decoded,
+def defect_source(args, category: Category, split: dict, decoded: DecodedImages,
                   generated: dict) -> baselines.FixedPairs | baselines.CropPaste | baselines.Perlin:
     if args.method == "real-only":
         return baselines.FixedPairs(split_pairs(category, split, "train"), decoded, args.seed)
@@ -232,7 +232,7 @@ def defect_source(args, category: Category, split: dict, decoded: _Decoded,
     return baselines.Perlin(category.good, decoded, args.seed)
 
 
-def make_batches(args, category: Category, decoded: _Decoded, source):
+def make_batches(args, category: Category, decoded: DecodedImages, source):
     """batch(step) -> (images (B, 3, S, S), masks (B, 1, S, S)): B/2 good images with empty
     masks, then B/2 of the source's defects; each image flipped and turned at random."""
     half = args.batch_size // 2
@@ -313,7 +313,7 @@ def evaluate(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> d
     """Check the input, train the detector on the method's data, score it; returns the result."""
     t0 = time.time()
     category, split, tests, generated = read_inputs(args)
-    decoded = _Decoded(category, args.size, None, capacity=10 ** 6)
+    decoded = DecodedImages(category, args.size, None, capacity=10 ** 6)
     try:  # read every image now, so that bad files are reported before training
         test_images = {t: torch.stack([decoded.image(i) for i, _ in p]) for t, p in tests.items()}
         test_masks = {t: torch.stack([decoded.mask(m) for _, m in p]).float()

@@ -33,7 +33,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from . import demo
-from .adapt import adapt_decoder
+from .adapt import adapt_decoder, adapt_decoders
 from .data import DataError, mask_to_tensor, read_image, read_mask, to_tensor
 from .ddim import alphas_cumprod
 from .io import WeightsError, atomic_path
@@ -196,6 +196,13 @@ def parse_args(argv):
     run.add_argument("--bg-weight", type=float, default=100.0, help="weight of the background term (reference: 100)")
     run.add_argument("--fg-weight", type=float, default=1.0, help="weight of the defect-region term (paper: lambda_con)")
     run.add_argument("--paste-background", action="store_true", help="copy x_OK exactly outside a feathered mask")
+    run.add_argument("--batch-size", type=int, default=1, metavar="B",
+                     help="images sampled and adapted together (one decoder copy each); the same "
+                          "images as one at a time, up to float rounding (default 1)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the UNet, the trimap branch and the decoder adaptation "
+                          "(the first image pays the compile time; the adaptation is compiled "
+                          "at --batch-size 1)")
     run.add_argument("--device", default="cpu", help="cpu or cuda")
     run.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     run.add_argument("--quiet", action="store_true")
@@ -209,6 +216,8 @@ def check_args(args) -> Stages:
         args.n = 10 ** 9  # every exact mask
     if args.n <= 0:
         raise UsageError(f"-n must be positive, got {args.n}")
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     for name in ("images", "object", "defect", "out"):
         if getattr(args, name) is None:
             raise UsageError(f"--{name} is required")
@@ -302,48 +311,58 @@ def generate(args) -> int:
     folder = args.defect.replace(" ", "_")
     dev, dt = torch.device(args.device), DTYPES[args.dtype]
     m = models
+    if args.compile:  # inductor: C++ kernels on CPU, Triton on CUDA; built on first use
+        m.unet, m.control = torch.compile(m.unet), torch.compile(m.control)
     prompt = f"a {args.object} with a {args.defect}"
     with torch.no_grad():
         cond, uncond = m.text_encoder(m.tokenizer([prompt, ""]).to(dev)).chunk(2)
     rows = []
-    for n, plan in enumerate(plans):
-        k = plan["k"]
-        if k in done:
-            continue
+    pending = [(n, plan) for n, plan in enumerate(plans) if plan["k"] not in done]
+    for c in range(0, len(pending), args.batch_size):
+        chunk = pending[c:c + args.batch_size]
         t0 = time.time()
-        g = torch.Generator(dev).manual_seed(image_seed(args.seed, k) + 1)
-        x_ok = to_tensor(read_image(plan["good"]), size)[None].to(dev, dt)
-        mask = plan["mask"][None, None].to(dev, dt)
-        hint = trimap(plan["mask"], plan["fg"])[None].to(dev, dt)
+        gens = [torch.Generator(dev).manual_seed(image_seed(args.seed, plan["k"]) + 1)
+                for _, plan in chunk]
+        x_ok = torch.stack([to_tensor(read_image(plan["good"]), size) for _, plan in chunk]).to(dev, dt)
+        mask = torch.stack([plan["mask"][None] for _, plan in chunk]).to(dev, dt)
+        hint = torch.stack([trimap(plan["mask"], plan["fg"]) for _, plan in chunk]).to(dev, dt)
+        which = f"image {chunk[0][0] + 1}" + (f"-{chunk[-1][0] + 1}" if len(chunk) > 1 else "")
+        which += f"/{len(plans)}"
 
         def progress(i, t, z, x0):
             if (i + 1) % 10 == 0 or i + 1 == stages.steps:
-                log(f"\rimage {n + 1}/{len(plans)}: step {i + 1}/{stages.steps}", end="")
+                log(f"\r{which}: step {i + 1}/{stages.steps}", end="")
 
         def adapt_progress(step, loss):
             if step % 20 == 0 or step == args.adapt_steps - 1:
-                log(f"\rimage {n + 1}/{len(plans)}: adaptation {step + 1}/{args.adapt_steps} loss {loss:.5f}", end="")
+                log(f"\r{which}: adaptation {step + 1}/{args.adapt_steps} loss {loss:.5f}", end="")
 
-        res = defect_image(m, x_ok, mask, hint, cond, uncond, stages, gaussian(g), args.guidance,
-                           args.eta, args.adapt_steps, args.adapt_lr, args.fg_weight,
-                           args.bg_weight, progress, adapt_progress, args.adapt_blocks)
-        before, after, losses = res["before"], res["after"], res["losses"]
+        res = defect_image(m, x_ok, mask, hint, cond.expand(len(chunk), -1, -1),
+                           uncond.expand(len(chunk), -1, -1), stages, per_image_noise(gens),
+                           args.guidance, args.eta, args.adapt_steps, args.adapt_lr, args.fg_weight,
+                           args.bg_weight, progress, adapt_progress, args.adapt_blocks,
+                           compile=args.compile)
+        before, after = res["before"], res["after"]
         if args.paste_background:
             w = feathered(mask)
             after = w * after + (1 - w) * x_ok
-        bg = 1 - mask
-        record = dict(index=k, seed=args.seed, image_seed=image_seed(args.seed, k),
-                      source=str(plan["good"]), placement=plan["info"], prompt=prompt,
-                      stages=vars(stages), adapt_loss_before=losses[0], adapt_loss_after=losses[-1],
-                      psnr_bg_before=psnr(before, x_ok, bg), psnr_bg_after=psnr(after, x_ok, bg),
-                      seconds=round(time.time() - t0, 2))
-        save_png(to_uint8(after[0]), out / "test" / folder / f"{k:03d}.png")
-        save_png((plan["mask"] * 255).byte().numpy(), out / "ground_truth" / folder / f"{k:03d}_mask.png")
-        with manifest.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        log(f"\rimage {n + 1}/{len(plans)}: done in {record['seconds']:.1f}s, background PSNR "
-            f"{record['psnr_bg_before']:.1f} -> {record['psnr_bg_after']:.1f} dB" + " " * 20)
-        rows.append([x_ok[0], hint[0] * 2 - 1, before[0], after[0], overlay(after[0], mask[0])])
+        seconds = (time.time() - t0) / len(chunk)
+        for j, (n, plan) in enumerate(chunk):
+            k, losses, bg = plan["k"], res["losses"][j], 1 - mask[j:j + 1]
+            record = dict(index=k, seed=args.seed, image_seed=image_seed(args.seed, k),
+                          source=str(plan["good"]), placement=plan["info"], prompt=prompt,
+                          stages=vars(stages), adapt_loss_before=losses[0],
+                          adapt_loss_after=losses[-1],
+                          psnr_bg_before=psnr(before[j:j + 1], x_ok[j:j + 1], bg),
+                          psnr_bg_after=psnr(after[j:j + 1], x_ok[j:j + 1], bg),
+                          seconds=round(seconds, 2))
+            save_png(to_uint8(after[j]), out / "test" / folder / f"{k:03d}.png")
+            save_png((plan["mask"] * 255).byte().numpy(), out / "ground_truth" / folder / f"{k:03d}_mask.png")
+            with manifest.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            log(f"\rimage {n + 1}/{len(plans)}: done in {record['seconds']:.1f}s, background PSNR "
+                f"{record['psnr_bg_before']:.1f} -> {record['psnr_bg_after']:.1f} dB" + " " * 20)
+            rows.append([x_ok[j], hint[j] * 2 - 1, before[j], after[j], overlay(after[j], mask[j])])
     if rows:
         contact_sheet(rows, out / "preview.png")
     log(f"wrote {len(rows)} images to {out}")
@@ -354,13 +373,17 @@ def defect_image(m, x_ok: torch.Tensor, mask: torch.Tensor, hint: torch.Tensor,
                  cond: torch.Tensor, uncond: torch.Tensor, stages: Stages, noise,
                  guidance: float = 9.0, eta: float = 0.0, adapt_steps: int = 200,
                  adapt_lr: float = 1e-4, fg_weight: float = 1.0, bg_weight: float = 100.0,
-                 progress=None, adapt_progress=None, adapt_blocks: int | None = None) -> dict:
-    """The whole method for one input: encode x_OK (a posterior sample), Algorithm 1 (guided,
-    blended DDIM), decode, Algorithm 2 (decoder adaptation). m: a minibldm.Models with a control
-    branch; cond/uncond: τ(prompt) and τ(""); noise(like): every random draw, in order (z_OK's
-    posterior noise first, then blended_sample's). Returns {"z_ok", "z", "before", "after",
-    "losses"}: z* the sampled latent, the image decoded by the frozen and by the adapted decoder,
-    and the adaptation loss per step."""
+                 progress=None, adapt_progress=None, adapt_blocks: int | None = None,
+                 compile: bool = False) -> dict:
+    """The whole method for one input, or a batch of B: encode x_OK (a posterior sample),
+    Algorithm 1 (guided, blended DDIM), decode, Algorithm 2 (decoder adaptation, one decoder copy
+    per image: adapt.adapt_decoders when B > 1). m: a minibldm.Models with a control branch;
+    cond/uncond: τ(prompt) and τ(""), B rows each; noise(like): every random draw, in order
+    (z_OK's posterior noise first, then blended_sample's; `per_image_noise` keeps each image's
+    draws its own). Returns {"z_ok", "z", "before", "after", "losses"}: z* the sampled latent,
+    the image decoded by the frozen and by the adapted decoder, and per image the adaptation
+    loss per step. compile: the adaptation of a single image runs through torch.compile
+    (adapt_decoder); compile the UNet and branch in `m` yourself (see generate)."""
     ae = m.autoencoder
     with torch.no_grad():
         z_ok = ae.encode(x_ok, noise=noise)
@@ -370,9 +393,23 @@ def defect_image(m, x_ok: torch.Tensor, mask: torch.Tensor, hint: torch.Tensor,
         h = ae.decoder_input(z)
         before = ae.decoder(h)
     with torch.enable_grad():
-        after, losses = adapt_decoder(ae.decoder, h, x_ok, mask, adapt_steps, adapt_lr,
-                                      fg_weight, bg_weight, adapt_progress, adapt_blocks)
+        if x_ok.shape[0] == 1:
+            after, losses = adapt_decoder(ae.decoder, h, x_ok, mask, adapt_steps, adapt_lr,
+                                          fg_weight, bg_weight, adapt_progress, adapt_blocks,
+                                          compile=compile)
+            losses = [losses]
+        else:
+            after, losses = adapt_decoders(ae.decoder, h, x_ok, mask, adapt_steps, adapt_lr,
+                                           fg_weight, bg_weight, adapt_progress, adapt_blocks)
     return {"z_ok": z_ok, "z": z, "before": before, "after": after.detach(), "losses": losses}
+
+
+def per_image_noise(generators: list[torch.Generator]):
+    """noise(like) for a batch: row b of every draw comes from generators[b], so an image gets
+    the same draws in any batch as alone (gaussian(generators[0]) for a batch of one)."""
+    def draw(like: torch.Tensor) -> torch.Tensor:
+        return torch.cat([gaussian(g)(like[b:b + 1]) for b, g in enumerate(generators)])
+    return draw
 
 
 def overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -191,21 +191,21 @@ _SCENES = {"fabric": _fabric, "metal": _metal, "washer": _washer, "pill": _pill}
 # make_defect blends image + alpha * (target - image), with alpha cut to the mask.
 
 def _scratch(img, rng, depth, s):  # a thin bright (or dark) smooth curve
-    pts = _curve(rng, depth, s * rng.uniform(0.15, 0.4), 0.3)
-    alpha = _polyline(s, [(pts, s / 256 * rng.uniform(1, 2.2))])
+    pts = _curve(rng, depth, s * rng.uniform(0.2, 0.45), 0.3)
+    alpha = _polyline(s, [(pts, s / 256 * rng.uniform(3, 5))])
     target = 1 - 0.15 * (1 - img) if rng.random() < 0.65 else 0.3 * img
     return alpha * rng.uniform(0.7, 1.0), target
 
 
 def _thread(img, rng, depth, s):  # a loose thread: thicker, coloured, more bent
     pts = _curve(rng, depth, s * rng.uniform(0.25, 0.5), 0.6)
-    alpha = _polyline(s, [(pts, s / 256 * rng.uniform(2, 3.2))])
+    alpha = _polyline(s, [(pts, s / 256 * rng.uniform(4, 6))])
     colour = np.array([[0.92, 0.86, 0.72], [0.78, 0.18, 0.14]])[rng.integers(2)]  # cream or red
     return alpha, colour * (0.85 + 0.15 * rng.random())
 
 
 def _crack(img, rng, depth, s):  # a branching thin dark polyline, random-walked
-    step = s * rng.uniform(0.012, 0.02)
+    step = s * rng.uniform(0.016, 0.026)
 
     def walk(p, th, n):  # n jagged steps scattered around one heading
         a = th + rng.normal(0, 0.5, n)
@@ -214,17 +214,17 @@ def _crack(img, rng, depth, s):  # a branching thin dark polyline, random-walked
     th0, c = rng.uniform(0, 2 * np.pi), _anchor(rng, depth, s / 32)
     tail, head = walk(c, th0 + np.pi, rng.integers(4, 9)), walk(c, th0, rng.integers(4, 9))
     main = np.concatenate([tail[::-1], head[1:]])  # grown both ways from the anchor
-    lines = [(main, s / 256 * rng.uniform(1.2, 2))]
+    lines = [(main, s / 256 * rng.uniform(3, 4.5))]
     for _ in range(rng.integers(1, 4)):
         i = int(rng.integers(1, len(main) - 1))
         d = main[i + 1] - main[i]
         th = np.arctan2(d[1], d[0]) + rng.choice([-1, 1]) * rng.uniform(0.5, 1.1)
-        lines.append((walk(main[i], th, rng.integers(2, 6)), s / 256))
+        lines.append((walk(main[i], th, rng.integers(2, 6)), s / 256 * 2.5))
     return _polyline(s, lines), 0.12 * img
 
 
 def _hole(img, rng, depth, s):  # a dark irregular opening with a lighter frayed rim
-    rho = s * rng.uniform(0.03, 0.07)
+    rho = s * rng.uniform(0.06, 0.1)
     inner, outer = _blob(rng, _anchor(rng, depth, 1.5 * rho), rho, s, scales=(1.0, 1.35))
     rim = np.clip(0.55 * img + 0.4, 0, 1)
     dark = np.array([0.03, 0.03, 0.035]) * (1 + 0.3 * rng.random())
@@ -232,7 +232,7 @@ def _hole(img, rng, depth, s):  # a dark irregular opening with a lighter frayed
 
 
 def _stain(img, rng, depth, s):  # a soft coloured blob that tints what it covers
-    rho = s * rng.uniform(0.05, 0.1)
+    rho = s * rng.uniform(0.07, 0.12)
     (cov,) = _blob(rng, _anchor(rng, depth, 1.3 * rho), rho, s, amp=0.35)
     tint = np.array([[0.62, 0.42, 0.18], [0.45, 0.55, 0.25], [0.5, 0.3, 0.4]])[rng.integers(3)]
     tint = tint + rng.uniform(-0.05, 0.05, 3)  # brown, olive or wine, jittered
@@ -240,18 +240,18 @@ def _stain(img, rng, depth, s):  # a soft coloured blob that tints what it cover
 
 
 def _spot(img, rng, depth, s):  # contamination: a cluster of small dark specks
-    spread = s * rng.uniform(0.02, 0.05)
+    spread = s * rng.uniform(0.04, 0.07)
     c, n = _anchor(rng, depth, spread), int(rng.integers(3, 10))
     r, a = spread * np.sqrt(rng.random(n)), rng.uniform(0, 2 * np.pi, n)  # uniform over a disc
     pos = c + np.stack([r * np.cos(a), r * np.sin(a)], 1)
-    rad = s / 256 * rng.uniform(1.2, 3.5, n)
+    rad = s / 256 * rng.uniform(3, 6, n)
     alpha = _draw(s, lambda d, k: [d.ellipse([k * (p[0] - r), k * (p[1] - r), k * (p[0] + r), k * (p[1] + r)],
                                              fill=255) for p, r in zip(pos, rad)])
     return alpha, np.array([0.07, 0.055, 0.045]) * (1 + rng.random())
 
 
 def _dent(img, rng, depth, s):  # a shallow elliptic dent: upper wall in shade, lower wall lit
-    rx = s * rng.uniform(0.05, 0.1)
+    rx = s * rng.uniform(0.08, 0.13)
     ry, rot = rx * rng.uniform(0.6, 1.0), rng.uniform(0, np.pi)
     light = -np.pi / 2 + rng.uniform(-0.6, 0.6)  # from above, which the eye reads as concave
     a, b = _frame(s, _anchor(rng, depth, 2 * rx), rot)
@@ -266,7 +266,7 @@ def _dent(img, rng, depth, s):  # a shallow elliptic dent: upper wall in shade, 
 
 
 def _rust(img, rng, depth, s):  # grainy corrosion, dark brown to orange, with a broken edge
-    rho = s * rng.uniform(0.04, 0.08)
+    rho = s * rng.uniform(0.07, 0.11)
     (cov,) = _blob(rng, _anchor(rng, depth, 1.4 * rho), rho, s, amp=0.4)
     fine, coarse = _smooth(rng, (s // 3, s // 3), s), _smooth(rng, (s // 12, s // 12), s)
     alpha = np.clip(_blur(cov, rho * 0.1) * (1.0 + 0.4 * fine + 0.3 * coarse), 0, 1)

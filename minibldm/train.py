@@ -133,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--size", type=int, default=256, help="image side the model trains at")
     p.add_argument("--k", type=int, default=10, help="real defect images per type for training")
+    p.add_argument("--defect-repeat", type=int, default=1, metavar="R",
+                   help="text and unet stages: each few-shot defect image counts R times per epoch "
+                        "(default 1), so that a few defects among many good images are seen often")
     p.add_argument("--p-empty-prompt", type=float, default=0.1, help="probability of the empty prompt")
     p.add_argument("--object", help="object name for the prompts (default: meta.json or the folder name)")
     p.add_argument("--texture", action="store_true", help="a surface: the foreground is the whole image")
@@ -418,7 +421,8 @@ def make_dataset(args, cats: list, splits: list[dict]) -> torch.utils.data.Datas
         if args.defect:
             s = {**s, "defects": {d: s["defects"][d] for d in args.defect if d in s["defects"]}}
         goods.append(GoodDataset(c, size=args.size, seed=args.seed, split=s,
-                                 p_empty_prompt=args.p_empty_prompt))
+                                 p_empty_prompt=args.p_empty_prompt,
+                                 defect_repeat=args.defect_repeat))
     return ShuffledImages(goods, args.seed)
 
 
@@ -542,6 +546,7 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
 def check_args(args) -> None:
     for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
                              ("--k", args.k, 1), ("--checkpoint-every", args.checkpoint_every, 1),
+                             ("--defect-repeat", args.defect_repeat, 1),
                              ("--size", args.size, 8), ("--num-workers", args.num_workers, 0),
                              ("--log-every", args.log_every, 1)):
         if value < low:
@@ -550,6 +555,9 @@ def check_args(args) -> None:
         raise TrainError(f"--p-empty-prompt must be in [0, 1], got {args.p_empty_prompt}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise TrainError(f"--lr must be positive, got {args.lr}")
+    if args.defect_repeat != 1 and args.stage not in ("text", "unet"):
+        raise TrainError(f"--defect-repeat: only the text and unet stages train on a mix of good and "
+                         f"defect images (got --stage {args.stage})")
     if args.scale_factor is not None:
         if args.stage not in ("text", "unet"):
             raise TrainError(f"--scale-factor: only the text and unet stages choose the latent scale "

@@ -175,7 +175,7 @@ def compute(m: Models, inputs: dict[str, torch.Tensor], noise: torch.Tensor | No
     out["sample.in.noise"] = torch.stack(tape.drawn)
     for k in ("z_ok", "z", "before", "after"):
         out[f"sample.out.{k}"] = res[k]
-    out["sample.out.losses"] = torch.tensor(res["losses"], dtype=torch.float64)
+    out["sample.out.losses"] = torch.tensor(res["losses"][0], dtype=torch.float64)
     return out
 
 

@@ -357,6 +357,17 @@ def test_good_dataset(tmp_path):
     assert seen == {0, 1, 2, 3}  # the flips vary between epochs, both axes
 
 
+def test_good_dataset_defect_repeat(tmp_path):
+    c, split = category_with_foreground(tmp_path)
+    once = data.GoodDataset(c, size=24, seed=1, split=split, p_empty_prompt=0.0)
+    thrice = data.GoodDataset(c, size=24, seed=1, split=split, p_empty_prompt=0.0, defect_repeat=3)
+    assert len(thrice) == 4 + 3 * (3 + 3)
+    defects = [path for path, d in once.items if d]
+    assert sorted(path for path, d in thrice.items if d) == sorted(defects * 3)
+    assert [x for x in thrice.items if not x[1]] == [x for x in once.items if not x[1]]
+    assert sum(thrice[i]["defect"] != "" for i in range(len(thrice))) == 18
+
+
 # ---- real data --------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not MAGNETIC_TILE.is_dir(), reason="magnetic_tile data not present")

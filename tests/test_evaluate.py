@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minibldm import baselines, metrics
-from minibldm.data import PairDataset, _Decoded, load_or_make_split, make_split, read_category
+from minibldm.data import DecodedImages, PairDataset, load_or_make_split, make_split, read_category
 from minibldm.evaluate import METRICS, main
 from minibldm.synth import image_rng, make_defect, make_good, write_dataset
 
@@ -89,7 +89,7 @@ def changed(a, b):
 def test_crop_paste_changes_only_the_mask(data):
     cat = read_category(data)
     source = baselines.CropPaste(PairDataset(cat, make_split(cat, K, 0), size=64, seed=0))
-    decoded = _Decoded(cat, 64, None, 100)
+    decoded = DecodedImages(cat, 64, None, 100)
     for i in range(4):
         item = source.pairs[i]
         image, mask = source(i)
@@ -119,7 +119,7 @@ def test_perlin_changes_only_the_mask():
 
 def test_perlin_source_on_a_dataset(data):
     cat = read_category(data)
-    decoded = _Decoded(cat, 64, None, 100)
+    decoded = DecodedImages(cat, 64, None, 100)
     image, mask = baselines.Perlin(cat.good, decoded, seed=1)(3)
     assert image.shape == (3, 64, 64) and mask.sum() > 0
     again = baselines.Perlin(cat.good, decoded, seed=1)(3)
@@ -141,7 +141,7 @@ def test_real_only_augmentation_keeps_image_and_mask_aligned(data):
     split = make_split(cat, K, 0)
     pairs = {t: [(i, m) for i, m in p if cat.rel(i) in split["defects"][t]["train"]]
              for t, p in cat.defects.items()}
-    source = baselines.FixedPairs(pairs, _Decoded(cat, 64, None, 100), seed=0)
+    source = baselines.FixedPairs(pairs, DecodedImages(cat, 64, None, 100), seed=0)
     assert len(source) == K * len(cat.defects)
     for i in range(6):
         image, m = source(i)

@@ -3,6 +3,7 @@ manifest and preview, determinism, sharding, resume, and bad input (exit 2, noth
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,38 @@ def test_same_seed_same_bytes_and_shards_equal_one_run(tmp_path, inputs):
     assert shard == {k: v for k, v in files(tmp_path / "a").items() if "001" in k}
     assert run(inputs, tmp_path / "c", "--seed", "1").returncode == 0
     assert files(tmp_path / "c") != files(tmp_path / "a")
+
+
+def test_batches_give_the_images_of_one_at_a_time(tmp_path, inputs):
+    assert run(inputs, tmp_path / "one", n="3").returncode == 0
+    r = run(inputs, tmp_path / "batch", "--batch-size", "2", n="3")  # a batch of 2, then of 1
+    assert r.returncode == 0, r.stderr
+    one, batch = files(tmp_path / "one"), files(tmp_path / "batch")
+    assert sorted(one) == sorted(batch)
+    for name in one:
+        a = np.asarray(Image.open(tmp_path / "one" / name), np.int16)
+        b = np.asarray(Image.open(tmp_path / "batch" / name), np.int16)
+        assert np.abs(a - b).max() <= 1, name  # float rounding may flip a level
+    rec = [[json.loads(x) for x in (tmp_path / d / "manifest.jsonl").read_text().splitlines()]
+           for d in ("one", "batch")]
+    for x, y in zip(*rec):
+        assert x["index"] == y["index"] and x["placement"] == y["placement"]
+        assert abs(x["adapt_loss_after"] - y["adapt_loss_after"]) <= 1e-4 * x["adapt_loss_after"]
+
+
+@pytest.mark.skipif(os.environ.get("MINIBLDM_COMPILE_TESTS") != "1",
+                    reason="compiling the UNet, branch and decoder takes minutes on 2 CPU cores; "
+                           "set MINIBLDM_COMPILE_TESTS=1")
+def test_compiled_run_agrees_with_eager(tmp_path, inputs):
+    assert run(inputs, tmp_path / "eager", n="1").returncode == 0
+    r = run(inputs, tmp_path / "fused", "--compile", n="1")
+    assert r.returncode == 0, r.stderr
+    for name, data in files(tmp_path / "eager").items():
+        a = np.asarray(Image.open(tmp_path / "eager" / name), np.int16)
+        b = np.asarray(Image.open(tmp_path / "fused" / name), np.int16)
+        assert np.abs(a - b).max() <= 1, name
+    x, y = [json.loads((tmp_path / d / "manifest.jsonl").read_text()) for d in ("eager", "fused")]
+    assert abs(x["adapt_loss_after"] - y["adapt_loss_after"]) <= 1e-4 * x["adapt_loss_after"]
 
 
 def test_resume_continues_where_it_stopped(tmp_path, inputs):

@@ -94,9 +94,9 @@ def test_defects_look_like_their_names(category, defect):
         fractions.append(interior_fraction(mask))
         darkening.append(np.percentile((good.astype(float) - img).mean(-1)[mask], 75))
     if defect in ("scratch", "crack", "thread"):
-        assert np.mean(fractions) < 0.5  # thin curves
+        assert np.mean(fractions) < 0.72  # curves 3-6 px wide at 256 px: many edge pixels
     if defect in ("hole", "stain", "rust", "dent"):
-        assert np.mean(fractions) > 0.75  # compact regions
+        assert np.mean(fractions) > 0.85  # compact regions
     if defect in ("hole", "crack", "spot"):
         assert min(darkening) > 50  # a large share of the mask turns clearly darker
 

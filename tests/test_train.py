@@ -388,6 +388,15 @@ def test_scale_factor_auto_gives_unit_variance_latents(pill, tiny_weights, tmp_p
     assert rc == 2 and "scale_factor" in err, err
 
 
+def test_defect_repeat_only_for_domain_stages(pill, tiny_weights, tmp_path):
+    rc, err = run(*control_args(pill, tiny_weights, tmp_path / "run", 2, "--defect-repeat", "3"))
+    assert rc == 2 and "--defect-repeat: only the text and unet stages" in err, err
+    rc, err = run("--stage", "unet", "--weights", tiny_weights, "--data", pill, "--out",
+                  tmp_path / "u", "--steps", "1", "--defect-repeat", "0")
+    assert rc == 2 and "--defect-repeat must be at least 1" in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "u").exists()
+
+
 @pytest.mark.parametrize("value, message", [("-1", "positive number"), ("x", "positive number")])
 def test_scale_factor_bad_values(pill, tiny_weights, tmp_path, value, message):
     rc, err = run("--stage", "unet", "--weights", tiny_weights, "--data", pill, "--out",

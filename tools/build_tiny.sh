@@ -19,10 +19,11 @@ python -m minibldm.synth "$W/data" --seed 0                   # 4 x (200 + 20 + 
 python -m minibldm.train --stage autoencoder --config tiny --data $D --out "$W/ae" \
     --size 128 --steps "${AE_STEPS:-4000}" --batch-size 8 --seed 0 --device "$DEV" --log-every 50
 python -m minibldm.train --stage text --weights "$W/ae" --scale-factor auto --data $D \
-    --out "$W/text" --size 128 --steps "${TEXT_STEPS:-4000}" --batch-size 16 --lr 2e-4 --k 10 \
+    --out "$W/text" --size 128 --steps "${TEXT_STEPS:-5000}" --batch-size 16 --lr 2e-4 --k 10 \
+    --defect-repeat 4 \
     --seed 0 --device "$DEV" --log-every 50
 python -m minibldm.train --stage control --weights "$W/text" --data $D --out "$W/control" \
-    --size 128 --steps "${CONTROL_STEPS:-3000}" --batch-size 16 --lr 1e-4 --k 10 --seed 0 \
+    --size 128 --steps "${CONTROL_STEPS:-4500}" --batch-size 16 --lr 1e-4 --k 10 --seed 0 \
     --device "$DEV" --log-every 50
 python "$REPO/tools/pack_weights.py" "$W/control" "$REPO/weights/tiny" --dtype float16
 python "$REPO/tools/measure_tiny_quality.py" --data "$W/data" --out "$W/quality" -n 4 \

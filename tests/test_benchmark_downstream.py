@@ -1,0 +1,46 @@
+"""tools/benchmark_downstream.py's own logic: the sampler sees only the split's training masks,
+and the summary is the mean and sample standard deviation over seeds."""
+import importlib.util
+import statistics
+from pathlib import Path
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location(
+    "benchmark_downstream", Path(__file__).resolve().parents[1] / "tools" / "benchmark_downstream.py")
+bench = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(bench)
+
+
+def test_training_masks_links_only_the_split_training_masks(tmp_path):
+    data = tmp_path / "cat"
+    for stem in ("000", "001", "002"):
+        (data / "test" / "crack").mkdir(parents=True, exist_ok=True)
+        (data / "ground_truth" / "crack").mkdir(parents=True, exist_ok=True)
+        (data / "test" / "crack" / f"{stem}.png").write_bytes(b"img")
+        (data / "ground_truth" / "crack" / f"{stem}_mask.png").write_bytes(stem.encode())
+    split = {"defects": {"crack": {"train": ["test/crack/000.png", "test/crack/002.png"],
+                                   "test": ["test/crack/001.png"]}}}
+    folders = bench.training_masks(data, split, tmp_path / "masks")
+    linked = sorted(p.name for p in folders["crack"].iterdir())
+    assert linked == ["000_mask.png", "002_mask.png"]
+    assert (folders["crack"] / "002_mask.png").read_bytes() == b"002"
+    bench.training_masks(data, split, tmp_path / "masks")  # a rerun keeps the links
+    split["defects"]["crack"]["train"].append("test/crack/009.png")
+    with pytest.raises(SystemExit, match="no mask"):
+        bench.training_masks(data, split, tmp_path / "masks")
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    values = {0: 0.5, 1: 0.7, 2: 0.9}
+    per_seed = {s: {m: {"mean": {"pixel_ap": v + i / 10, "image_auroc": 1 - v}}
+                    for i, m in enumerate(bench.METHODS)} for s, v in values.items()}
+    summary, table = bench.summarise(per_seed, ["pixel_ap", "image_auroc"])
+    for i, m in enumerate(bench.METHODS):
+        ap = [v + i / 10 for v in values.values()]
+        assert summary[m]["pixel_ap"]["mean"] == pytest.approx(statistics.mean(ap))
+        assert summary[m]["pixel_ap"]["std"] == pytest.approx(statistics.stdev(ap))
+    assert table.splitlines()[0] == "| method | pixel ap | image auroc |"
+    assert "| minibldm | 1.000 ± 0.200 | 0.300 ± 0.200 |" in table
+    one, _ = bench.summarise({0: per_seed[0]}, ["pixel_ap"])
+    assert one["perlin"]["pixel_ap"]["std"] == 0.0

@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""The downstream benchmark (issue 6): does minibldm's generated data help a defect detector on
+real parts, against the baselines a user would otherwise pick?
+
+    python tools/benchmark_downstream.py [--quick] [--data DIR] [--work DIR] [--seeds 0 1 2]
+
+For each seed, on one real category (default ../shared/data/magnetic_tile, a surface):
+  1. the few-shot split: k = 10 real defects per type for training, the rest for testing
+     (the split of the training run, written by `python -m minibldm.train` as split.json);
+  2. a tiny-preset minibldm model trained on that category alone with minibldm's own commands:
+     autoencoder on the good images, text encoder + UNet, then the trimap branch on the k
+     defects per type (tools/build_tiny.sh's recipe with fewer steps, see STEPS);
+  3. `python -m minibldm.sample` with that model: --n images per defect type, masks drawn from
+     the split's training masks only (the full default method: 50 DDIM steps, 200 adaptation
+     steps);
+  4. `python -m minibldm.evaluate` for every method (real-only, crop-paste, perlin, minibldm)
+     with the run's split.json, so the detectors see the same training images;
+  5. `python -m minibldm.genquality` on the generated images.
+Then the mean ± std over seeds goes to WORK/summary.json and WORK/summary.md (the table for
+docs/RESULTS.md). Every step resumes: run the same command again after an interruption.
+--quick (one seed, a few hundred steps, 2 images per type) checks the whole chain in about 15
+minutes on 2 CPU cores; its numbers say nothing about quality.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("real-only", "crop-paste", "perlin", "minibldm")
+# steps of each stage: autoencoder, text + UNet, trimap branch; detector steps; images per type
+STEPS = {"full": dict(ae=2000, text=3000, control=3000, detector=400, n=20),
+         "quick": dict(ae=100, text=100, control=100, detector=100, n=2)}
+
+
+def run(cmd: list, log: Path) -> None:
+    """Run one command, its output appended to `log`; stop the benchmark if it fails."""
+    cmd = [str(c) for c in cmd]
+    print("$ " + " ".join(cmd), flush=True)
+    start = time.time()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc:
+        sys.exit(f"benchmark_downstream: the command above failed (exit {rc}); see {log}")
+    print(f"  done in {time.time() - start:.0f} s", flush=True)
+
+
+def train_model(data: Path, runs: Path, seed: int, s: dict, device: str, log: Path) -> Path:
+    """The tiny-preset model of this seed; returns the folder of its last stage."""
+    common = ["--data", data, "--texture", "--object", "magnetic tile", "--size", 128, "--k", 10,
+              "--seed", seed, "--device", device, "--log-every", 50]
+    py = [sys.executable, "-m", "minibldm.train"]
+    run(py + ["--stage", "autoencoder", "--config", "tiny", "--out", runs / "ae",
+              "--steps", s["ae"], "--batch-size", 8, *common], log)
+    run(py + ["--stage", "text", "--weights", runs / "ae", "--scale-factor", "auto",
+              "--out", runs / "text", "--steps", s["text"], "--batch-size", 16, "--lr", 2e-4,
+              "--defect-repeat", 4, *common], log)
+    run(py + ["--stage", "control", "--weights", runs / "text", "--out", runs / "control",
+              "--steps", s["control"], "--batch-size", 16, "--lr", 1e-4, *common], log)
+    return runs / "control"
+
+
+def training_masks(data: Path, split: dict, out: Path) -> dict[str, Path]:
+    """A folder per defect type holding links to the split's training masks only, so that the
+    sampler cannot draw a held-out mask."""
+    folders = {}
+    for name, part in split["defects"].items():
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for rel in part["train"]:
+            stem = Path(rel).stem
+            mask = next((data / "ground_truth" / name / f"{stem}{suffix}"
+                         for suffix in ("_mask.png", ".png")
+                         if (data / "ground_truth" / name / f"{stem}{suffix}").is_file()), None)
+            if mask is None:
+                sys.exit(f"benchmark_downstream: no mask for {data / rel}")
+            link = folder / mask.name
+            if not link.exists():
+                link.symlink_to(mask.resolve())
+        folders[name] = folder
+    return folders
+
+
+def generate(model: Path, data: Path, masks: dict, out: Path, seed: int, n: int, device: str,
+             log: Path) -> list[Path]:
+    outs = []
+    for name, folder in masks.items():
+        target = out / name
+        run([sys.executable, "-m", "minibldm.sample", "--weights", model,
+             "--images", data / "train" / "good", "--defect-masks", folder, "--texture",
+             "--object", "magnetic tile", "--defect", name, "-n", n, "--out", target,
+             "--seed", seed, "--device", device, "--quiet"], log)
+        outs.append(target)
+    return outs
+
+
+def evaluate(data: Path, split_file: Path, generated: list, out: Path, steps: int, device: str,
+             log: Path) -> dict:
+    results = {}
+    for method in METHODS:
+        result = out / f"{method}.json"
+        if not result.is_file():
+            extra = ["--generated", *generated] if method == "minibldm" else []
+            run([sys.executable, "-m", "minibldm.evaluate", "--data", data, "--texture",
+                 "--method", method, "--split", split_file, "--steps", steps,
+                 "--device", device, "--out", result, *extra], log)
+        results[method] = json.loads(result.read_text())
+    return results
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def summarise(per_seed: dict, metrics: list[str]) -> tuple[dict, str]:
+    """Mean ± sample std over seeds of each method's mean-over-defect-types metrics."""
+    summary = {}
+    for method in METHODS:
+        rows = [r[method]["mean"] for r in per_seed.values()]
+        summary[method] = {m: dict(zip(("mean", "std"), mean_std([row[m] for row in rows])))
+                           for m in metrics}
+    head = "| method | " + " | ".join(m.replace("_", " ") for m in metrics) + " |"
+    lines = [head, "|" + "---|" * (len(metrics) + 1)]
+    for method in METHODS:
+        cells = [f"{summary[method][m]['mean']:.3f} ± {summary[method][m]['std']:.3f}" for m in metrics]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return summary, "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "magnetic_tile"))
+    p.add_argument("--work", default="runs/downstream", help="where runs and results go")
+    p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (--quick: 0)")
+    p.add_argument("--quick", action="store_true", help="one seed, few steps: checks the chain")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    data = Path(args.data)
+    if not (data / "train" / "good").is_dir():
+        print(f"benchmark_downstream: --data {data}: no train/good folder", file=sys.stderr)
+        return 2
+    mode = "quick" if args.quick else "full"
+    s, seeds = STEPS[mode], args.seeds or ([0] if args.quick else [0, 1, 2])
+    work = Path(args.work) / mode
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "commands.log"
+    start, per_seed, quality, walls = time.time(), {}, {}, {}
+    for seed in seeds:
+        t0, sw = time.time(), work / f"seed{seed}"
+        sw.mkdir(exist_ok=True)
+        print(f"== seed {seed}: training the tiny model on {data.name}", flush=True)
+        model = train_model(data, sw / "runs", seed, s, args.device, log)
+        split_file = model / "split.json"
+        split = json.loads(split_file.read_text())
+        print(f"== seed {seed}: generating {s['n']} images per defect type", flush=True)
+        masks = training_masks(data, split, sw / "train_masks")
+        generated = generate(model, data, masks, sw / "generated", seed, s["n"], args.device, log)
+        print(f"== seed {seed}: evaluating {', '.join(METHODS)}", flush=True)
+        per_seed[seed] = evaluate(data, split_file, generated, sw / "eval", s["detector"],
+                                  args.device, log)
+        gq = sw / "genquality.json"
+        if not gq.is_file():
+            run([sys.executable, "-m", "minibldm.genquality", "--data", data, "--texture",
+                 "--split", split_file, "--generated", *generated, "--out", gq], log)
+        quality[seed] = json.loads(gq.read_text())
+        walls[seed] = time.time() - t0
+    metrics = list(next(iter(per_seed.values()))["real-only"]["mean"])
+    summary, table = summarise(per_seed, metrics)
+    import torch
+    info = {"mode": mode, "seeds": seeds, "steps": s, "data": str(data.resolve()),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "wall_s": round(time.time() - start), "wall_s_per_seed_this_call": walls}
+    (work / "summary.json").write_text(json.dumps(
+        {"info": info, "summary": summary, "per_seed": per_seed, "genquality": quality}, indent=1) + "\n")
+    (work / "summary.md").write_text(
+        f"Downstream detection on {data.name}, {mode} mode, seeds {seeds}, mean ± std over seeds "
+        f"of the mean over defect types.\n\n" + table)
+    print(table + f"\nwrote {work / 'summary.json'} and {work / 'summary.md'} "
+          f"({info['wall_s']} s this call)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
