@@ -131,7 +131,7 @@ def adapt_decoders(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, st
     trained = {id(p) for _, modules in tail.decoder.stages()[frozen:] for m in modules
                for p in m.parameters()}
     params, buffers = stack_module_state([tail] * b)  # copies: B independent leaf tensors each
-    params = {n: params[n] for n, p in tail.named_parameters() if id(p) in trained}
+    params = {n: params[n].requires_grad_() for n, p in tail.named_parameters() if id(p) in trained}
     fixed = {n: p.detach() for n, p in tail.named_parameters() if n not in params}
 
     def one(p, x, fg, ok, m):  # one image: its parameters and (1, ...) tensors

@@ -189,6 +189,7 @@ def test_batched_adaptation_equals_one_image_at_a_time(blocks):
     and loss curve are those of adapt_decoder alone (up to summation order)."""
     torch.manual_seed(0)
     ae = randomize(Autoencoder(AE), 3).eval()
+    ae.requires_grad_(False)  # as loaded for sampling: the copies must still train
     g = torch.Generator().manual_seed(2)
     h = ae.decoder_input(torch.randn(3, 4, 4, 4, generator=g)).detach()
     x_ok = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
