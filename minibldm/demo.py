@@ -25,7 +25,7 @@ from .synth import CATEGORIES, write_dataset
 
 OUT = Path("minibldm_demo")
 INPUT_SEED = 1  # the tiny model's training set is synth seed 0
-DEMO_DEFECTS = {"fabric": "hole", "metal": "rust", "washer": "scratch", "pill": "crack"}
+DEMO_DEFECTS = {"fabric": "hole", "metal": "rust", "washer": "scratch", "pill": "stain"}
 
 
 def sample_args(weights: Path, out: Path, category: str, defect: str) -> list[str]:

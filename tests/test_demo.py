@@ -41,6 +41,11 @@ def test_demo_runs_from_nothing(tmp_path):
         if not CATEGORIES[cat]["texture"]:  # the mask lies on the object
             fg = np.asarray(Image.open(str(source).replace("/train/good/", "/foreground/train/good/"))) > 127
             assert mask.sum() > 0 and (mask & ~fg).sum() == 0, cat
+        # a defect appears where the tiny model can draw one: the fabric's hole and the pill's
+        # stain (about 48 and 51 / 255 here); its scratches and rust do not show yet
+        change = np.abs(image - good).mean(-1)[mask].mean()
+        if cat in ("fabric", "pill"):
+            assert change > 20, (cat, change)
         # the background is kept: the adaptation's job, and it must improve on the frozen decoder
         assert row["psnr_bg_after"] > 30 and row["psnr_bg_after"] > row["psnr_bg_before"], row
     sheet = Image.open(out / "preview.png")

@@ -2,7 +2,7 @@
 random weights (diffusers' networks converted by minibldm.convert, as users convert theirs).
 
     python tools/bench.py [--device cpu|cuda] [--size sd15|tiny] [--dtype float32 bfloat16]
-                          [--parts peak step adapt pipeline] [--compile] [--repeats 3] --out BENCH.json
+                          [--parts peak step adapt pipeline memory] [--compile] [--repeats 3] --out BENCH.json
 
 Parts (medians of --repeats timed runs after one warm-up):
   peak      the device's matmul throughput (4096^2 on GPUs, 2048^2 on CPUs), GFLOP/s per dtype
@@ -18,6 +18,8 @@ Parts (medians of --repeats timed runs after one warm-up):
   pipeline  the whole default method for one image (minibldm.sample.defect_image, 50 steps and
             200 adaptation steps) with weights/tiny: wall time and peak memory (a subprocess's
             peak RSS on CPU, max_memory_allocated on a GPU)
+  memory    peak memory of the whole method at SD 1.5 size (random weights, 256 px, float32 and/or
+            bfloat16 weights), with short stage lengths: the peak does not depend on them
 The JSON holds every timing, the device, torch and diffusers versions and the date.
 """
 import argparse
@@ -269,6 +271,57 @@ print(json.dumps({"seconds": wall, "peak_bytes": peak}))
 """
 
 
+MEMORY = """
+import json, sys, time, torch
+from minibldm.autoencoder import Autoencoder
+from minibldm.clip import TextEncoder
+from minibldm.config import SD15
+from minibldm.control import ControlNet
+from minibldm.masks import trimap
+from minibldm.sample import defect_image
+from minibldm.sampler import Stages, gaussian
+from minibldm.unet import UNet
+from minibldm.weights import Models
+dev, dt = torch.device(sys.argv[1]), getattr(torch, sys.argv[2])
+def hwm():
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+torch.manual_seed(0)
+nets = [net(cfg).to(dev, dt).eval().requires_grad_(False) for net, cfg in
+        ((Autoencoder, SD15.autoencoder), (UNet, SD15.unet), (TextEncoder, SD15.text), (ControlNet, SD15.unet))]
+m = Models(SD15, nets[0], nets[1], nets[2], None, nets[3])
+weights = hwm()
+S = 256
+x = torch.rand(1, 3, S, S, device=dev, dtype=dt) * 2 - 1
+mask = torch.zeros(S, S); mask[S // 4: S // 2, S // 3: S // 2] = 1
+hint = trimap(mask, torch.ones(S, S))[None].to(dev, dt)
+with torch.no_grad():
+    ids = torch.randint(0, SD15.text.vocab_size, (2, 77), device=dev)
+    cond, uncond = m.text_encoder(ids).chunk(2)
+t0 = time.perf_counter()
+defect_image(m, x, mask[None, None].to(dev, dt), hint, cond, uncond, Stages(4, 1, 3, 3),
+             gaussian(torch.Generator(dev).manual_seed(0)), adapt_steps=2)
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_bytes": hwm(), "weights_bytes": weights}))
+"""
+
+
+def bench_memory(args, device, results):
+    """Peak memory of the whole method at SD 1.5 size (random weights, 256 px). Peak memory does
+    not depend on the step counts, so 4 DDIM steps (free, latent and image editing all visited)
+    and 2 adaptation steps stand in for 50 and 200."""
+    rows = {}
+    for dtype in args.dtype:
+        r = subprocess.run([sys.executable, "-c", MEMORY, device.type, dtype],
+                           capture_output=True, text=True, check=True)
+        rows[dtype] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"memory sd15 {dtype}: peak {rows[dtype]['peak_bytes'] / 2 ** 30:.2f} GiB "
+              f"(weights alone {rows[dtype]['weights_bytes'] / 2 ** 30:.2f} GiB)", file=sys.stderr, flush=True)
+    results["memory_sd15"] = {"rows": rows, "memory": "peak RSS (VmHWM) of the process"
+                              if device.type == "cpu" else "torch.cuda.max_memory_allocated"}
+
+
 def bench_pipeline(args, device, results):
     weights = REPO / "weights" / "tiny"
     runs = []
@@ -288,8 +341,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--size", choices=("sd15", "tiny"), default="sd15")
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-    p.add_argument("--parts", nargs="+", default=["peak", "step", "adapt", "pipeline"],
-                   choices=("peak", "step", "adapt", "pipeline"))
+    p.add_argument("--parts", nargs="+", default=["peak", "step", "adapt", "pipeline", "memory"],
+                   choices=("peak", "step", "adapt", "pipeline", "memory"))
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", required=True)
@@ -310,6 +363,8 @@ def main(argv=None) -> int:
         bench_adapt(args, device, results)
     if "pipeline" in args.parts:
         bench_pipeline(args, device, results)
+    if "memory" in args.parts:
+        bench_memory(args, device, results)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
