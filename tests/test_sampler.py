@@ -200,8 +200,8 @@ def test_batched_adaptation_equals_one_image_at_a_time(blocks):
     for i in range(3):
         alone, alone_losses = adapt_decoder(ae.decoder, h[i:i + 1], x_ok[i:i + 1], mask[i:i + 1],
                                             steps=8, lr=3e-4, blocks=blocks)
-        assert (out[i] - alone[0]).abs().max() < 1e-5
-        assert np.allclose(losses[i], alone_losses, rtol=1e-5, atol=0)
+        assert (out[i] - alone[0]).abs().max() < 1e-4  # Adam amplifies summation-order noise
+        assert np.allclose(losses[i], alone_losses, rtol=1e-4, atol=0)
         assert alone_losses[-1] < alone_losses[0]
     assert not torch.allclose(out[0], out[1])  # the copies did not share one decoder
     for k, v in ae.decoder.state_dict().items():
