@@ -316,6 +316,7 @@ def generate(args) -> int:
     prompt = f"a {args.object} with a {args.defect}"
     with torch.no_grad():
         cond, uncond = m.text_encoder(m.tokenizer([prompt, ""]).to(dev)).chunk(2)
+    m.text_encoder = None  # one prompt per run: its weights (0.5 GB at SD size) are freed here
     rows = []
     pending = [(n, plan) for n, plan in enumerate(plans) if plan["k"] not in done]
     for c in range(0, len(pending), args.batch_size):

@@ -300,6 +300,7 @@ hint = trimap(mask, torch.ones(S, S))[None].to(dev, dt)
 with torch.no_grad():
     ids = torch.randint(0, SD15.text.vocab_size, (2, 77), device=dev)
     cond, uncond = m.text_encoder(ids).chunk(2)
+m.text_encoder = nets[2] = None  # as minibldm.sample does once the prompts are encoded
 t0 = time.perf_counter()
 defect_image(m, x, mask[None, None].to(dev, dt), hint, cond, uncond, Stages(4, 1, 3, 3),
              gaussian(torch.Generator(dev).manual_seed(0)), adapt_steps=2)
