@@ -31,6 +31,23 @@ def adaptation_loss(out: Tensor, x_fg: Tensor, x_ok: Tensor, mask: Tensor,
     return fg_weight * fg + bg_weight * bg
 
 
+def _setup(decoder: nn.Module, h: Tensor, blocks: int | None):
+    """What every variant starts from: x_fg = Phi(z*) unadapted, the index of the first trained
+    stage, that stage's input (the frozen stages run once), and the ids of the trained
+    parameters of `decoder`."""
+    if blocks is not None and blocks < 0:
+        raise ValueError(f"blocks must be >= 0, got {blocks}")
+    stages = decoder.stages()
+    frozen = 0 if blocks is None else max(0, len(stages) - 1 - blocks)
+    with torch.no_grad():
+        x_fg = decoder(h)
+        start = h
+        for fn, _ in stages[:frozen]:
+            start = fn(start)
+    trained = {id(p) for _, modules in stages[frozen:] for m in modules for p in m.parameters()}
+    return x_fg, frozen, start, trained
+
+
 def adapt_decoder(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, steps: int = 200,
                   lr: float = 1e-4, fg_weight: float = 1.0, bg_weight: float = 100.0,
                   callback: Callable[[int, float], None] | None = None,
@@ -54,21 +71,13 @@ def adapt_decoder(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, ste
     if compile:
         return _adapt_compiled(decoder, h, x_ok, mask, steps, lr, fg_weight, bg_weight, callback,
                                blocks)
-    with torch.no_grad():
-        x_fg = decoder(h)
+    x_fg, frozen, start, _ = _setup(decoder, h, blocks)
     tuned = copy.deepcopy(decoder).train()
     stages = tuned.stages()
-    frozen = 0 if blocks is None else max(0, len(stages) - 1 - blocks)
-    if blocks is not None and blocks < 0:
-        raise ValueError(f"blocks must be >= 0, got {blocks}")
     tuned.requires_grad_(False)
     for _, modules in stages[frozen:]:
         for m in modules:
             m.requires_grad_(True)
-    with torch.no_grad():
-        start = h
-        for fn, _ in stages[:frozen]:
-            start = fn(start)
 
     def forward() -> Tensor:
         out = start
@@ -117,21 +126,12 @@ def adapt_decoders(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, st
     to adapt_decoder image by image up to floating-point summation order). Returns (the B
     outputs, per image the loss per step); callback(step, mean loss over the batch).
     """
-    if blocks is not None and blocks < 0:
-        raise ValueError(f"blocks must be >= 0, got {blocks}")
     b = h.shape[0]
-    with torch.no_grad():
-        x_fg = decoder(h)
-        stages = decoder.stages()
-        frozen = 0 if blocks is None else max(0, len(stages) - 1 - blocks)
-        start = h
-        for fn, _ in stages[:frozen]:
-            start = fn(start)
+    x_fg, frozen, start, trained = _setup(decoder, h, blocks)
     tail = _Tail(copy.deepcopy(decoder).train(), frozen)
-    trained = {id(p) for _, modules in tail.decoder.stages()[frozen:] for m in modules
-               for p in m.parameters()}
     params, buffers = stack_module_state([tail] * b)  # copies: B independent leaf tensors each
-    params = {n: params[n].requires_grad_() for n, p in tail.named_parameters() if id(p) in trained}
+    params = {f"decoder.{n}": params[f"decoder.{n}"].requires_grad_()
+              for n, p in decoder.named_parameters() if id(p) in trained}
     fixed = {n: p.detach() for n, p in tail.named_parameters() if n not in params}
 
     def one(p, x, fg, ok, m):  # one image: its parameters and (1, ...) tensors
@@ -177,17 +177,8 @@ def _compiled_step(decoder: nn.Module, frozen: int) -> Callable:
 
 def _adapt_compiled(decoder, h, x_ok, mask, steps, lr, fg_weight, bg_weight, callback, blocks):
     """adapt_decoder through the compiled step; the same optimisation, fused kernels."""
-    if blocks is not None and blocks < 0:
-        raise ValueError(f"blocks must be >= 0, got {blocks}")
-    with torch.no_grad():
-        x_fg = decoder(h)
-        stages = decoder.stages()
-        frozen = 0 if blocks is None else max(0, len(stages) - 1 - blocks)
-        start = h
-        for fn, _ in stages[:frozen]:
-            start = fn(start)
+    x_fg, frozen, start, trained = _setup(decoder, h, blocks)
     step = _compiled_step(decoder, frozen)
-    trained = {id(p) for _, modules in stages[frozen:] for m in modules for p in m.parameters()}
     params = {f"decoder.{n}": p.detach().clone().requires_grad_(id(p) in trained)
               for n, p in decoder.named_parameters()}
     opt = torch.optim.AdamW([p for p in params.values() if p.requires_grad], lr=lr)

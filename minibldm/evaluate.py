@@ -49,7 +49,7 @@ import torch
 from . import baselines, detector, metrics
 from .data import (Category, DataError, DecodedImages, PairDataset, list_images, mask_of,
                    load_or_make_split, make_split, read_category)
-from .io import file_sha256, write_text_atomic
+from .io import file_sha256, write_result
 
 METHODS = ("minibldm", "crop-paste", "perlin", "real-only")
 METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_iou", "image_auroc", "image_ap")
@@ -384,11 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(result)
     print(table, end="")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out, json.dumps(result, indent=1) + "\n")
-        write_text_atomic(out.with_suffix(".md"), table)
-        print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+        write_result(args.out, result, table)
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}", file=sys.stderr)
     return 0
 
 

@@ -59,7 +59,7 @@ from PIL import Image
 
 from .data import Category, DataError, read_category, read_image, read_mask
 from .evaluate import UsageError, _Parser, check_generated, read_split, split_pairs
-from .io import write_text_atomic
+from .io import write_result
 
 PROG = "python -m minibldm.genquality"
 PSNR_CAP = 100.0  # dB; what an identical background (MSE 0) gets
@@ -412,10 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(result)
     print(table, end="")
     if args.out:
-        out = Path(args.out)
-        write_text_atomic(out, json.dumps(result, indent=1) + "\n")
-        write_text_atomic(out.with_suffix(".md"), table)
-        print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+        write_result(args.out, result, table)
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}", file=sys.stderr)
     return 0
 
 

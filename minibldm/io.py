@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -126,6 +127,14 @@ def file_sha256(path: str | Path) -> str:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_result(path: str | Path, result: dict, table: str) -> None:
+    """A command's result: the JSON at `path` and its markdown table beside it (.md)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(result, indent=1) + "\n")
+    write_text_atomic(path.with_suffix(".md"), table)
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path,
