@@ -5,7 +5,8 @@
         [--batch-size 8] [--lr 2e-3] [--texture] [--out RESULT.json]
 
 Split. The few-shot split of training (minibldm/data.py: per defect type, k real images chosen
-by --seed; `--split FILE` reads a training run's split.json and takes k and the seed from it).
+by --seed; `--split FILE` reads a training run's split.json, whose k and seed make the split;
+--seed then seeds only the detector, so one generator's split can be scored with several seeds).
 The k real defects per type are the only real defects any method may use; the other defect
 images and test/good are the test set. A test image used for training is refused (one line on
 stderr, exit status 2): a split file whose train and test lists overlap, or a --generated folder
@@ -73,8 +74,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--method", required=True, choices=METHODS, help="source of training defects")
     add("--generated", nargs="+", metavar="DIR", help="minibldm.sample output folders")
     add("--k", type=int, help="real defects per type for training (default 10, or --split's)")
-    add("--seed", type=int, help="split and detector seed (default 0, or --split's)")
-    add("--split", metavar="FILE", help="a training run's split.json (its k and seed are used)")
+    add("--seed", type=int, help="split and detector seed (default 0); with --split, the "
+        "detector's seed only (default the split's)")
+    add("--split", metavar="FILE", help="a training run's split.json (its k and seed make the split)")
     add("--steps", type=int, default=400, metavar="N", help="detector training steps (400)")
     add("--size", type=int, default=128, metavar="S", help="image side, a multiple of 8 (128)")
     add("--batch-size", type=int, default=8, metavar="B", help="half good, half defects (8)")
@@ -115,8 +117,9 @@ def check_args(args) -> None:
 # ---- the split and the held-out images ------------------------------------------------------
 
 def read_split(args, category: Category) -> dict:
-    """The training split: --split FILE (k and seed from it unless given), else make_split with
-    --k and --seed. Sets args.k and args.seed. A split whose train and test overlap is refused."""
+    """The training split: --split FILE (its k and seed; --seed, when given, then seeds only the
+    detector and its data), else make_split with --k and --seed. Sets args.k, args.seed and
+    args.split_seed. A split whose train and test overlap is refused."""
     if args.split:
         try:
             stored = json.loads(Path(args.split).read_text())
@@ -124,15 +127,18 @@ def read_split(args, category: Category) -> dict:
             raise UsageError(f"--split {args.split}: not a readable split file ({e})") from None
         if not isinstance(stored, dict) or not isinstance(stored.get("defects"), dict):
             raise UsageError(f"--split {args.split}: not a split file (no \"defects\" object)")
-        args.k = stored.get("k") if args.k is None else args.k
-        args.seed = stored.get("seed") if args.seed is None else args.seed
+        if args.k is not None and args.k != stored.get("k"):
+            raise UsageError(f"--k {args.k}: --split {args.split} was made with k={stored.get('k')}")
+        args.k, args.split_seed = stored.get("k"), stored.get("seed")
+        args.seed = args.split_seed if args.seed is None else args.seed  # the detector's seed
         try:
-            split = load_or_make_split(args.split, category, args.k, args.seed)
+            split = load_or_make_split(args.split, category, args.k, args.split_seed)
         except DataError as e:
             raise UsageError(f"--split {e}") from None
     else:
         args.k = 10 if args.k is None else args.k
         args.seed = 0 if args.seed is None else args.seed
+        args.split_seed = args.seed
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # short types are reported in the JSON and below
             split = make_split(category, args.k, args.seed)
@@ -359,7 +365,8 @@ def evaluate(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> d
     finally:
         torch.use_deterministic_algorithms(state[0], warn_only=state[1])
     settings = {"method": args.method, "data": str(args.data), "generated": args.generated,
-                "split": args.split, "k": args.k, "seed": args.seed, "steps": args.steps,
+                "split": args.split, "k": args.k, "seed": args.seed,
+                "split_seed": args.split_seed, "steps": args.steps,
                 "size": args.size, "batch_size": args.batch_size, "lr": args.lr,
                 "texture": category.texture, "device": args.device, "torch": torch.__version__}
     return {"settings": settings,

@@ -44,3 +44,14 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert "| minibldm | 1.000 ± 0.200 | 0.300 ± 0.200 |" in table
     one, _ = bench.summarise({0: per_seed[0]}, ["pixel_ap"])
     assert one["perlin"]["pixel_ap"]["std"] == 0.0
+
+
+def test_bad_data_or_init_is_one_line_and_exit_2(tmp_path, capsys):
+    assert bench.main(["--data", str(tmp_path / "none"), "--work", str(tmp_path / "w")]) == 2
+    assert "--data" in capsys.readouterr().err
+    (tmp_path / "cat" / "train" / "good").mkdir(parents=True)
+    assert bench.main(["--data", str(tmp_path / "cat"), "--init", str(tmp_path / "nothing"),
+                       "--work", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "--init" in err and "config.json" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()

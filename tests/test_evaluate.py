@@ -203,6 +203,17 @@ def test_split_file_gives_k_and_seed_and_overlap_is_refused(tmp_path, data):
     res = json.loads((tmp_path / "run" / "r.json").read_text())
     assert (res["settings"]["k"], res["settings"]["seed"]) == (3, 5)
     assert res["split"]["train"] == {"crack": 3, "scratch": 3, "spot": 3}
+    # --seed with --split seeds the detector only: the split stays the file's
+    r = run("--data", data, "--method", "real-only", "--split", tmp_path / "run" / "split.json",
+            "--seed", "7", "--steps", "1", "--size", "64", "--out", tmp_path / "run" / "r7.json")
+    assert r.code == 0, r.stderr
+    res7 = json.loads((tmp_path / "run" / "r7.json").read_text())
+    assert (res7["settings"]["seed"], res7["settings"]["split_seed"]) == (7, 5)
+    assert res7["split"] == res["split"]
+    r = run("--data", data, "--method", "real-only", "--split", tmp_path / "run" / "split.json",
+            "--k", "4", "--steps", "1", "--size", "64", "--out", tmp_path / "run" / "r4.json")
+    assert r.code == 2 and "--k 4" in r.stderr and "k=3" in r.stderr
+    assert not (tmp_path / "run" / "r4.json").exists()
 
     split = make_split(read_category(data), K, 0)
     split["defects"]["spot"]["train"].append(split["defects"]["spot"]["test"][0])

@@ -3,23 +3,26 @@
 real parts, against the baselines a user would otherwise pick?
 
     python tools/benchmark_downstream.py [--quick] [--data DIR] [--work DIR] [--seeds 0 1 2]
+        [--init weights/tiny|none]
 
 For each seed, on one real category (default ../shared/data/magnetic_tile, a surface):
-  1. the few-shot split: k = 10 real defects per type for training, the rest for testing
-     (the split of the training run, written by `python -m minibldm.train` as split.json);
-  2. a tiny-preset minibldm model trained on that category alone with minibldm's own commands:
-     autoencoder on the good images, text encoder + UNet, then the trimap branch on the k
-     defects per type (tools/build_tiny.sh's recipe with fewer steps, see STEPS);
-  3. `python -m minibldm.sample` with that model: --n images per defect type, masks drawn from
-     the split's training masks only (the full default method: 50 DDIM steps, 200 adaptation
-     steps);
-  4. `python -m minibldm.evaluate` for every method (real-only, crop-paste, perlin, minibldm)
-     with the run's split.json, so the detectors see the same training images;
-  5. `python -m minibldm.genquality` on the generated images.
-Then the mean ± std over seeds goes to WORK/summary.json and WORK/summary.md (the table for
-docs/RESULTS.md). Every step resumes: run the same command again after an interruption.
---quick (one seed, a few hundred steps, 2 images per type) checks the whole chain in about 15
-minutes on 2 CPU cores; its numbers say nothing about quality.
+  1. the generator: the pretrained tiny model (weights/tiny, trained on minibldm's synthetic
+     dataset) fine-tuned on this category with minibldm's own commands, as AdaBLDM fine-tunes
+     SD 1.5: autoencoder on the good images, text encoder + UNet, then the trimap branch on the
+     k = 10 real defects per type of the seed's few-shot split (written by
+     `python -m minibldm.train` as split.json; the rest is the test set). --init none trains it
+     from scratch with the tiny config instead (many more steps are then needed);
+  2. `python -m minibldm.sample` with that generator: --n images per defect type, masks drawn
+     from the split's training masks only (the full default method: 50 DDIM steps, 200
+     adaptation steps);
+  3. `python -m minibldm.evaluate` for every method (real-only, crop-paste, perlin, minibldm)
+     with the run's split.json, so every detector sees the same real training images;
+  4. `python -m minibldm.genquality` on the generated images.
+Then the mean ± std over seeds goes to WORK/MODE/summary.json and summary.md (the table for
+docs/RESULTS.md): the spread covers the split, the generator's training, generation and the
+detector. Every step resumes: run the same command again after an interruption. --quick (one
+seed, 100 steps per stage, 2 images per type) checks the whole chain in about 15 minutes on 2
+CPU cores; its numbers say nothing about quality.
 """
 from __future__ import annotations
 
@@ -35,8 +38,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("real-only", "crop-paste", "perlin", "minibldm")
-# steps of each stage: autoencoder, text + UNet, trimap branch; detector steps; images per type
-STEPS = {"full": dict(ae=2000, text=3000, control=3000, detector=400, n=20),
+# steps of each stage: autoencoder, text + UNet, trimap branch; detector steps; images per type.
+# Full mode fine-tunes the pretrained tiny model (--init), as AdaBLDM fine-tunes SD 1.5.
+STEPS = {"full": dict(ae=300, text=1200, control=1200, detector=400, n=10),
          "quick": dict(ae=100, text=100, control=100, detector=100, n=2)}
 
 
@@ -54,12 +58,15 @@ def run(cmd: list, log: Path) -> None:
     print(f"  done in {time.time() - start:.0f} s", flush=True)
 
 
-def train_model(data: Path, runs: Path, seed: int, s: dict, device: str, log: Path) -> Path:
-    """The tiny-preset model of this seed; returns the folder of its last stage."""
+def train_model(data: Path, runs: Path, seed: int, s: dict, init: Path | None, device: str,
+                log: Path) -> Path:
+    """The tiny-preset generator: fine-tuned from `init` (a weights folder), or trained from
+    scratch with the tiny config when `init` is None; returns the folder of its last stage."""
     common = ["--data", data, "--texture", "--object", "magnetic tile", "--size", 128, "--k", 10,
               "--seed", seed, "--device", device, "--log-every", 50]
     py = [sys.executable, "-m", "minibldm.train"]
-    run(py + ["--stage", "autoencoder", "--config", "tiny", "--out", runs / "ae",
+    start = ["--weights", init] if init else ["--config", "tiny"]
+    run(py + ["--stage", "autoencoder", *start, "--out", runs / "ae",
               "--steps", s["ae"], "--batch-size", 8, *common], log)
     run(py + ["--stage", "text", "--weights", runs / "ae", "--scale-factor", "auto",
               "--out", runs / "text", "--steps", s["text"], "--batch-size", 16, "--lr", 2e-4,
@@ -97,21 +104,22 @@ def generate(model: Path, data: Path, masks: dict, out: Path, seed: int, n: int,
         target = out / name
         run([sys.executable, "-m", "minibldm.sample", "--weights", model,
              "--images", data / "train" / "good", "--defect-masks", folder, "--texture",
-             "--object", "magnetic tile", "--defect", name, "-n", n, "--out", target,
+             "--object", "magnetic tile", "--defect", name, "-n", n, "--batch-size", min(n, 5),
+             "--out", target,
              "--seed", seed, "--device", device, "--quiet"], log)
         outs.append(target)
     return outs
 
 
-def evaluate(data: Path, split_file: Path, generated: list, out: Path, steps: int, device: str,
-             log: Path) -> dict:
+def evaluate(data: Path, split_file: Path, generated: list, out: Path, steps: int, seed: int,
+             device: str, log: Path) -> dict:
     results = {}
     for method in METHODS:
         result = out / f"{method}.json"
         if not result.is_file():
             extra = ["--generated", *generated] if method == "minibldm" else []
             run([sys.executable, "-m", "minibldm.evaluate", "--data", data, "--texture",
-                 "--method", method, "--split", split_file, "--steps", steps,
+                 "--method", method, "--split", split_file, "--seed", seed, "--steps", steps,
                  "--device", device, "--out", result, *extra], log)
         results[method] = json.loads(result.read_text())
     return results
@@ -144,12 +152,19 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "magnetic_tile"))
     p.add_argument("--work", default="runs/downstream", help="where runs and results go")
     p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (--quick: 0)")
+    p.add_argument("--init", default=str(REPO / "weights" / "tiny"),
+                   help="weights the generator is fine-tuned from (default weights/tiny, the "
+                   "pretrained tiny model); 'none' trains it from scratch")
     p.add_argument("--quick", action="store_true", help="one seed, few steps: checks the chain")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     data = Path(args.data)
     if not (data / "train" / "good").is_dir():
         print(f"benchmark_downstream: --data {data}: no train/good folder", file=sys.stderr)
+        return 2
+    init = None if args.init == "none" else Path(args.init)
+    if init and not (init / "config.json").is_file():
+        print(f"benchmark_downstream: --init {init}: no config.json there", file=sys.stderr)
         return 2
     mode = "quick" if args.quick else "full"
     s, seeds = STEPS[mode], args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -160,15 +175,14 @@ def main(argv=None) -> int:
     for seed in seeds:
         t0, sw = time.time(), work / f"seed{seed}"
         sw.mkdir(exist_ok=True)
-        print(f"== seed {seed}: training the tiny model on {data.name}", flush=True)
-        model = train_model(data, sw / "runs", seed, s, args.device, log)
+        print(f"== seed {seed}: training the generator on {data.name}", flush=True)
+        model = train_model(data, sw / "generator", seed, s, init, args.device, log)
         split_file = model / "split.json"
-        split = json.loads(split_file.read_text())
+        masks = training_masks(data, json.loads(split_file.read_text()), sw / "train_masks")
         print(f"== seed {seed}: generating {s['n']} images per defect type", flush=True)
-        masks = training_masks(data, split, sw / "train_masks")
         generated = generate(model, data, masks, sw / "generated", seed, s["n"], args.device, log)
         print(f"== seed {seed}: evaluating {', '.join(METHODS)}", flush=True)
-        per_seed[seed] = evaluate(data, split_file, generated, sw / "eval", s["detector"],
+        per_seed[seed] = evaluate(data, split_file, generated, sw / "eval", s["detector"], seed,
                                   args.device, log)
         gq = sw / "genquality.json"
         if not gq.is_file():
@@ -179,15 +193,16 @@ def main(argv=None) -> int:
     metrics = list(next(iter(per_seed.values()))["real-only"]["mean"])
     summary, table = summarise(per_seed, metrics)
     import torch
-    info = {"mode": mode, "seeds": seeds, "steps": s, "data": str(data.resolve()),
+    info = {"mode": mode, "seeds": seeds,
+            "init": str(init) if init else None, "steps": s, "data": str(data.resolve()),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "wall_s": round(time.time() - start), "wall_s_per_seed_this_call": walls}
+            "wall_s": round(time.time() - start), "wall_s_this_call": walls}
     (work / "summary.json").write_text(json.dumps(
         {"info": info, "summary": summary, "per_seed": per_seed, "genquality": quality}, indent=1) + "\n")
     (work / "summary.md").write_text(
-        f"Downstream detection on {data.name}, {mode} mode, seeds {seeds}, mean ± std over seeds "
-        f"of the mean over defect types.\n\n" + table)
+        f"Downstream detection on {data.name}, {mode} mode, seeds {seeds} (a generator, a split and "
+        f"a detector per seed), mean ± std over seeds of the mean over defect types.\n\n" + table)
     print(table + f"\nwrote {work / 'summary.json'} and {work / 'summary.md'} "
           f"({info['wall_s']} s this call)")
     return 0
