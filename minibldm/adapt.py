@@ -10,6 +10,12 @@ x_fg = Phi(z*) from the unadapted decoder, means over all pixels, lambda = 100 (
 code's weighting; the paper names the weight lambda_con of the defect term instead, so both are
 parameters). T_ft = 200 AdamW steps at lr 1e-4. The post-quant conv stays frozen: its output is
 computed once. The caller's decoder is never modified, so nothing leaks from one image to the next.
+
+AUTOCAST. The adaptation may run inside torch.autocast (float32 weights, bfloat16 compute). Within
+one autocast region torch casts each float32 parameter once and reuses that low-precision copy
+until the region ends, so a loop wrapped in one region would keep computing with the weights of
+step 0 while AdamW updates the float32 ones: the loss barely moves. Every variant below therefore
+clears the autocast cache after each optimizer step.
 """
 from __future__ import annotations
 
@@ -92,6 +98,7 @@ def adapt_decoder(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, ste
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        torch.clear_autocast_cache()  # see AUTOCAST above
         losses.append(loss.item())
         if callback is not None:
             callback(step, losses[-1])
@@ -147,6 +154,7 @@ def adapt_decoders(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, st
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
+        torch.clear_autocast_cache()  # see AUTOCAST above
         for i, v in enumerate(loss.tolist()):
             losses[i].append(v)
         if callback is not None:
@@ -188,6 +196,7 @@ def _adapt_compiled(decoder, h, x_ok, mask, steps, lr, fg_weight, bg_weight, cal
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        torch.clear_autocast_cache()  # see AUTOCAST above
         losses.append(loss.item())
         if callback is not None:
             callback(i, losses[-1])

@@ -55,3 +55,13 @@ def test_bad_data_or_init_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--init" in err and "config.json" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "w").exists()
+
+
+def test_per_type_table_is_mean_and_std_per_defect_type():
+    per_seed = {s: {m: {"per_type": {"crack": {"pixel_ap": v}, "hole": {"pixel_ap": 2 * v}}}
+                    for m in bench.METHODS} for s, v in {0: 0.1, 1: 0.3}.items()}
+    lines = bench.per_type_table(per_seed, "pixel_ap").splitlines()
+    assert lines[0] == "| defect | " + " | ".join(bench.METHODS) + " |"
+    sd = statistics.stdev([0.1, 0.3])
+    assert lines[2] == "| crack | " + " | ".join([f"0.200 ± {sd:.3f}"] * 4) + " |"
+    assert lines[3] == "| hole | " + " | ".join([f"0.400 ± {2 * sd:.3f}"] * 4) + " |"

@@ -183,6 +183,29 @@ def test_adapting_only_the_last_blocks():
         adapt_decoder(ae.decoder, h, x_ok, mask, steps=1, blocks=-1)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_adaptation_under_autocast_follows_float32(batched):
+    """Wrapped in one bfloat16 autocast region, the adaptation must keep training: torch reuses
+    each parameter's low-precision copy within a region, so without clearing that cache after
+    every step the loss stayed within 1% of its start (measured: 40.65 -> 40.32 against 28.59 in
+    float32 after 20 steps)."""
+    torch.manual_seed(0)
+    ae = randomize(Autoencoder(AE), 3).eval()
+    g = torch.Generator().manual_seed(3)
+    h = ae.decoder_input(torch.randn(2, 4, 4, 4, generator=g)).detach()
+    with torch.no_grad():
+        x_ok = 0.8 * ae.decoder(h) + 0.2
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., 8:20, 8:20] = 1
+    run = (lambda: adapt_decoders(ae.decoder, h, x_ok, mask, steps=12, lr=3e-4)[1][0]) if batched \
+        else (lambda: adapt_decoder(ae.decoder, h[:1], x_ok[:1], mask[:1], steps=12, lr=3e-4)[1])
+    full = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = run()
+    assert full[-1] < 0.7 * full[0]
+    assert abs(low[-1] / full[-1] - 1) < 0.05  # bfloat16 rounding only
+
+
 @pytest.mark.parametrize("blocks", [None, 1])
 def test_batched_adaptation_equals_one_image_at_a_time(blocks):
     """adapt_decoders: one decoder copy per image, stacked with torch.func; each image's result

@@ -2,7 +2,8 @@
 random weights (diffusers' networks converted by minibldm.convert, as users convert theirs).
 
     python tools/bench.py [--device cpu|cuda] [--size sd15|tiny] [--dtype float32 bfloat16]
-                          [--parts peak step adapt pipeline memory] [--compile] [--repeats 3] --out BENCH.json
+                          [--parts peak step adapt pipeline memory] [--compile] [--channels-last]
+                          [--repeats 3] [--adapt-steps N] [--adapt-res PX] --out BENCH.json
 
 Parts (medians of --repeats timed runs after one warm-up):
   peak      the device's matmul throughput (4096^2 on GPUs, 2048^2 on CPUs), GFLOP/s per dtype
@@ -11,10 +12,12 @@ Parts (medians of --repeats timed runs after one warm-up):
             (--compile), and diffusers UNet2DConditionModel + ControlNetModel eager the way its
             ControlNet pipeline runs them (the branch on both halves, reading the empty prompt
             as AdaBLDM's reference code does); FLOPs counted by
-            torch.utils.flop_counter, so GFLOP/s and the fraction of the matmul peak follow
+            torch.utils.flop_counter, so GFLOP/s and the fraction of the matmul peak follow;
+            --channels-last adds minibldm eager in channels_last memory order
   adapt     one decoder-adaptation iteration (forward, loss, backward, AdamW) at 256x256:
             minibldm.adapt_decoder against a plain loop over diffusers' AutoencoderKL decoder;
-            float32, and minibldm under bfloat16 autocast when bfloat16 is asked for
+            float32, and minibldm under bfloat16 autocast when bfloat16 is asked for; each runs
+            --adapt-steps iterations (200: the final losses are compared) at --adapt-res
   pipeline  the whole default method for one image (minibldm.sample.defect_image, 50 steps and
             200 adaptation steps) with weights/tiny: wall time and peak memory (a subprocess's
             peak RSS on CPU, max_memory_allocated on a GPU)
@@ -138,6 +141,18 @@ def bench_step(args, device, results):
             row[name] = timed(fn, device, args.repeats)
             row[name]["gflop"] = flops(fn) / 1e9
             print(f"step {dname} {name}: {row[name]['median_s']:.3f} s", file=sys.stderr, flush=True)
+        if args.channels_last:  # the same networks and inputs in NHWC memory order
+            cl = torch.channels_last
+            ul, cn = (copy.deepcopy(m).to(memory_format=cl) for m in nets[2:])
+            step_cl = guided_eps(ul, cn, cc, uu, hh.contiguous(memory_format=cl), 9.0)
+            zl = zz.contiguous(memory_format=cl)
+            row["minibldm_channels_last"] = timed(lambda: step_cl(zl, tt), device, args.repeats)
+            row["minibldm_channels_last"]["speedup_vs_minibldm"] = (
+                row["minibldm"]["median_s"] / row["minibldm_channels_last"]["median_s"])
+            row["channels_last_vs_eager_max_abs"] = (step_cl(zl, tt).float() - ours(zz, tt).float()).abs().max().item()
+            print(f"step {dname} channels_last: {row['minibldm_channels_last']['median_s']:.3f} s",
+                  file=sys.stderr, flush=True)
+            del ul, cn
         ref = diffusers_step().float()
         row["relative_difference"] = ((ours(zz, tt).float() - ref).norm() / ref.norm()).item()
         if args.compile:
@@ -182,7 +197,7 @@ def bench_adapt(args, device, results):
     from minibldm.io import load_into
 
     cfg = (SD15 if args.size == "sd15" else TINY).autoencoder
-    res = 256 if args.size == "sd15" else 128
+    res = args.adapt_res or (256 if args.size == "sd15" else 128)
     torch.manual_seed(0)
     vae = sd_vae(args.size).eval()
     ae = load_into(Autoencoder(cfg), autoencoder_from_diffusers(vae.state_dict()), "diffusers", "VAE").eval()
@@ -195,7 +210,7 @@ def bench_adapt(args, device, results):
     with torch.no_grad():
         h = ae.decoder_input(z)
         x_fg = vae.decoder(vae.post_quant_conv(z / cfg.scale_factor))
-    n = args.repeats + 1
+    n = args.adapt_steps or args.repeats + 1
 
     def per_step(times):
         return {"median_s": statistics.median(times[1:]), "runs_s": times[1:]}
@@ -225,15 +240,22 @@ def bench_adapt(args, device, results):
             losses.append(loss.item())
             sync(device)
             times.append(time.perf_counter() - t0)
+        with torch.no_grad():  # the loss after the last step, as adapt_decoder reports it
+            losses.append(adaptation_loss(dec(hin), x_fg, x_ok, mask).item())
         return per_step(times), losses
 
     row = {}
     row["diffusers_float32"], l_ref = theirs()
     row["minibldm_float32"], l_ours = ours(False)
+    row["resolution"], row["iterations"] = res, n
     row["first_loss_float32"] = {"diffusers": l_ref[0], "minibldm": l_ours[0]}
+    row["final_loss_float32"] = {"diffusers": l_ref[-1], "minibldm": l_ours[-1],
+                                 "relative_difference": l_ours[-1] / l_ref[-1] - 1}
     if "bfloat16" in args.dtype:
         row["minibldm_bf16_autocast"], l_bf = ours(True)
         row["first_loss_bf16"] = l_bf[0]
+        row["final_loss_bf16"] = {"minibldm": l_bf[-1],
+                                  "relative_difference_vs_diffusers_float32": l_bf[-1] / l_ref[-1] - 1}
     for k in [k for k in row if k.startswith("minibldm_")]:
         row[k]["speedup_vs_diffusers_float32"] = row["diffusers_float32"]["median_s"] / row[k]["median_s"]
     for k, v in row.items():
@@ -346,6 +368,13 @@ def main(argv=None) -> int:
                    choices=("peak", "step", "adapt", "pipeline", "memory"))
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--channels-last", action="store_true",
+                   help="also time minibldm's guided step in channels_last memory order")
+    p.add_argument("--adapt-steps", type=int, metavar="N",
+                   help="adaptation iterations per variant (default repeats + 1); with 200, the "
+                   "final losses compare the way issue 7 asks")
+    p.add_argument("--adapt-res", type=int, metavar="PX",
+                   help="adaptation image side (default 256 for sd15, 128 for tiny)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -146,6 +146,19 @@ def summarise(per_seed: dict, metrics: list[str]) -> tuple[dict, str]:
     return summary, "\n".join(lines) + "\n"
 
 
+def per_type_table(per_seed: dict, metric: str) -> str:
+    """Rows: defect types; columns: methods; cells: mean ± sample std over seeds of `metric`."""
+    types = sorted(next(iter(per_seed.values()))["real-only"]["per_type"])
+    lines = ["| defect | " + " | ".join(METHODS) + " |", "|" + "---|" * (len(METHODS) + 1)]
+    for t in types:
+        cells = []
+        for method in METHODS:
+            m, sd = mean_std([r[method]["per_type"][t][metric] for r in per_seed.values()])
+            cells.append(f"{m:.3f} ± {sd:.3f}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -202,7 +215,9 @@ def main(argv=None) -> int:
         {"info": info, "summary": summary, "per_seed": per_seed, "genquality": quality}, indent=1) + "\n")
     (work / "summary.md").write_text(
         f"Downstream detection on {data.name}, {mode} mode, seeds {seeds} (a generator, a split and "
-        f"a detector per seed), mean ± std over seeds of the mean over defect types.\n\n" + table)
+        f"a detector per seed), mean ± std over seeds of the mean over defect types.\n\n" + table
+        + "".join(f"\nPer defect type, {m.replace('_', ' ')}:\n\n" + per_type_table(per_seed, m)
+                  for m in ("pixel_ap", "image_auroc")))
     print(table + f"\nwrote {work / 'summary.json'} and {work / 'summary.md'} "
           f"({info['wall_s']} s this call)")
     return 0
