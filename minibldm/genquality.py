@@ -12,6 +12,8 @@ and the held-out guard are minibldm.evaluate's (--split, or --k and --seed). Per
         channels of the 8-bit files: 10 log10(255^2 / MSE); the source is resized to the
         generated image's size (PIL bilinear, as minibldm.sample does) when the sizes differ.
         Capped at PSNR_CAP = 100 dB, which an identical background (MSE 0) gets. Mean, median, min.
+  change in mask  the mean absolute difference from the source inside the generated mask, in
+        levels of 255 over the 3 channels: how strongly a defect was drawn (0: none appeared).
   mask spread  of the generated masks, the split's k training masks of the type and all its
         real masks: area (fraction of the image; mean, population std), centroid (mean pixel
         centre, x / W and y / H in [0, 1]; mean, std), "nearest_centroid" (mean distance from a
@@ -34,7 +36,7 @@ and the held-out guard are minibldm.evaluate's (--split, or --k and --seed). Per
   package is missing or its weights cannot be fetched or loaded, one line on stderr says why
   and the JSON records {"skipped": reason}.
 
-"overall": PSNR and mask spread over every image pooled; IS, KID, IC-LPIPS the mean over types.
+"overall": PSNR, change in mask and mask spread over every image pooled; IS, KID, IC-LPIPS the mean over types.
 The JSON (--out) holds "per_type", "overall", "settings", "split", "wall_seconds"; a markdown
 table goes to stdout and beside the JSON as .md. Bad input: one line on stderr naming the
 argument or file, exit status 2, nothing written.
@@ -73,6 +75,13 @@ def background_psnr(generated: np.ndarray, source: np.ndarray, mask: np.ndarray)
     bg = ~np.asarray(mask, bool)
     mse = float(np.mean((generated[bg].astype(np.float64) - source[bg]) ** 2))  # over (N_bg, 3)
     return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(255 ** 2 / mse))
+
+
+def defect_change(generated: np.ndarray, source: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute difference, in levels of 255 over the 3 channels, of uint8 (H, W, 3) images
+    where the (H, W) mask is 1: how strongly a defect was drawn (0: nothing appeared)."""
+    region = np.asarray(mask, bool)
+    return float(np.mean(np.abs(generated[region].astype(np.float64) - source[region])))
 
 
 def mask_geometry(mask: np.ndarray) -> tuple[float, float, float]:
@@ -297,8 +306,9 @@ def read_masks(files: list[Path], arg: str) -> list[np.ndarray]:
         raise UsageError(f"{arg} {e}") from None
 
 
-def image_psnr(image: Path, source: Path, mask: np.ndarray) -> float:
-    """background_psnr of a generated image file against its source, resized to its size."""
+def image_stats(image: Path, source: Path, mask: np.ndarray) -> tuple[float, float]:
+    """(background_psnr, defect_change) of a generated image file against its source, resized
+    to its size."""
     try:
         gen, src = read_image(image), read_image(source)
     except DataError as e:
@@ -308,7 +318,8 @@ def image_psnr(image: Path, source: Path, mask: np.ndarray) -> float:
                          f"{mask.shape[1]}x{mask.shape[0]}")
     if mask.all():
         raise UsageError(f"--generated {image}: its mask covers it all (no background)")
-    return background_psnr(gen, resized(src, gen.shape[:2]), mask)
+    src = resized(src, gen.shape[:2])
+    return background_psnr(gen, src, mask), defect_change(gen, src, mask)
 
 
 # ---- the command ------------------------------------------------------------------------------
@@ -323,16 +334,18 @@ def measure(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> di
     split = read_split(args, category)
     generated = read_generated(args, category, split)
     train = split_pairs(category, split, "train")
-    per_type, pooled = {}, {"psnr": [], "gen": [], "train": [], "real": []}
+    per_type, pooled = {}, {"psnr": [], "change": [], "gen": [], "train": [], "real": []}
     for t, items in sorted(generated.items()):
         masks = read_masks([m for _, m, _ in items], "--generated")
-        psnr = [image_psnr(image, source, m) for (image, _, source), m in zip(items, masks)]
+        stats = [image_stats(image, source, m) for (image, _, source), m in zip(items, masks)]
+        psnr, change = [p for p, _ in stats], [c for _, c in stats]
         geometry = {"gen": [mask_geometry(m) for m in masks]}
         for key, pairs in (("train", train[t]), ("real", category.defects[t])):
             geometry[key] = [mask_geometry(m) for m in read_masks([m for _, m in pairs], "--data")]
         per_type[t] = {"n": len(items), "background_psnr": summary(psnr),
-                       "masks": mask_spread(geometry["gen"], geometry["train"], geometry["real"])}
+                       "defect_change": summary(change), "masks": mask_spread(geometry["gen"], geometry["train"], geometry["real"])}
         pooled["psnr"] += psnr
+        pooled["change"] += change
         for key, values in geometry.items():
             pooled[key] += values
 
@@ -353,6 +366,7 @@ def measure(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> di
     for t, metrics in optional_metrics.items():
         per_type[t].update(metrics)
     overall = {"n": len(pooled["psnr"]), "background_psnr": summary(pooled["psnr"]),
+               "defect_change": summary(pooled["change"]),
                "masks": mask_spread(pooled["gen"], pooled["train"], pooled["real"])}
     for key, value in (("is", "mean"), ("kid", "mean"), ("ic_lpips", "score")):
         values = [m[key][value] for m in per_type.values() if m[key].get(value) is not None]
@@ -383,14 +397,16 @@ def markdown(result: dict) -> str:
         return "skipped" if "skipped" in m[key] else \
             "–" if m[key][value] is None else fmt.format(m[key][value])
 
-    head = ["defect", "n", "bg PSNR mean / median / min (dB)",
+    head = ["defect", "n", "bg PSNR mean / median / min (dB)", "change in mask mean / min (/255)",
             "mask area % gen / k real / all real", "centroid std x, y gen / all real",
             "gen to nearest real centroid", "IS", "KID", "IC-LPIPS"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in list(result["per_type"].items()) + [("**overall**", result["overall"])]:
         p, s = m["background_psnr"], m["masks"]
         g, a = s["generated"], s["real_all"]
+        c = m["defect_change"]
         row = [name, str(m["n"]), f"{p['mean']:.1f} / {p['median']:.1f} / {p['min']:.1f}",
+               f"{c['mean']:.1f} / {c['min']:.1f}",
                " / ".join(f"{100 * x['area_mean']:.2f}" for x in (g, s["real_train"], a)),
                f"{g['cx_std']:.2f}, {g['cy_std']:.2f} / {a['cx_std']:.2f}, {a['cy_std']:.2f}",
                f"{s['gen_to_all']:.3f}", cell(m, "is", "mean", "{:.2f}"),

@@ -75,6 +75,17 @@ def test_background_psnr_by_hand():
         10 * math.log10(255 ** 2 * 618 / 1000))
 
 
+def test_defect_change_by_hand():
+    source = np.full((8, 8, 3), 100, np.uint8)
+    mask = np.zeros((8, 8), bool)
+    mask[2:4, 2:6] = True  # 8 pixels, 24 values
+    gen = source.copy()
+    gen[~mask] = 0  # the background is not counted
+    assert gq.defect_change(gen, source, mask) == 0.0
+    gen[2, 2] = (130, 100, 70)  # 2 values off by 30, one up and one down: 60 / 24
+    assert gq.defect_change(gen, source, mask) == pytest.approx(2.5)
+
+
 def test_mask_spread_by_hand():
     a = np.zeros((10, 20), bool)
     a[0, 0] = True  # area 1/200, centroid (0.5 / 20, 0.5 / 10) = (0.025, 0.05)
@@ -110,13 +121,13 @@ def read_rgb(path):
 def make_generated(folder, data, n=3, defect=DEFECT):
     """A minibldm.sample-like folder of `n` images of `defect`: a training good image with a
     black box (the mask) and a few background values changed; returns (expected PSNRs, mask
-    areas). Image 1's source is written as a path from another working directory."""
+    areas, changes inside the mask). Image 1's source is written as a path from another working directory."""
     cat = read_category(data)
     train = make_split(cat, K, 0)["defects"][defect]["train"]
     gen, truth = folder / "test" / defect, folder / "ground_truth" / defect
     gen.mkdir(parents=True)
     truth.mkdir(parents=True)
-    psnr, areas, lines = [], [], []
+    psnr, areas, change, lines = [], [], [], []
     for i in range(n):
         good = cat.good[i % len(cat.good)]
         src = read_rgb(good)
@@ -133,12 +144,13 @@ def make_generated(folder, data, n=3, defect=DEFECT):
         mse = np.mean((img[~mask].astype(float) - src[~mask]) ** 2)
         psnr.append(10 * math.log10(255 ** 2 / mse))
         areas.append(mask.mean())
+        change.append(np.abs(img[mask].astype(float) - src[mask]).mean())
         source = f"elsewhere/train/good/{good.name}" if i == 1 else str(good)
         mask_file = cat.root / "ground_truth" / defect / f"{Path(train[i % K]).stem}_mask.png"
         lines.append(json.dumps({"index": i, "source": source,
                                  "placement": {"mask_file": str(mask_file)}}))
     (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    return psnr, areas
+    return psnr, areas, change
 
 
 def run(*args):
@@ -155,8 +167,8 @@ def hide_packages(monkeypatch):
 
 def test_end_to_end_without_the_optional_packages(tmp_path, data, monkeypatch):
     hide_packages(monkeypatch)
-    psnr, areas = make_generated(tmp_path / "gen", data)
-    psnr2, _ = make_generated(tmp_path / "gen2", data, n=2, defect="stain")
+    psnr, areas, change = make_generated(tmp_path / "gen", data)
+    psnr2, _, _ = make_generated(tmp_path / "gen2", data, n=2, defect="stain")
     r = run("--generated", tmp_path / "gen", tmp_path / "gen2", "--data", data, "--k", K,
             "--out", tmp_path / "r.json")
     assert r.code == 0, r.stderr
@@ -167,6 +179,7 @@ def test_end_to_end_without_the_optional_packages(tmp_path, data, monkeypatch):
     assert m["background_psnr"] == {"n": 3, "mean": pytest.approx(np.mean(psnr)),
                                     "median": pytest.approx(np.median(psnr)),
                                     "min": pytest.approx(min(psnr))}
+    assert m["defect_change"]["mean"] == pytest.approx(np.mean(change))
     assert m["masks"]["generated"]["area_mean"] == pytest.approx(np.mean(areas))
     assert m["masks"]["generated"]["area_std"] == pytest.approx(np.std(areas))
     real = [read_rgb(p)[..., 0] > 127 for p in sorted((data / "ground_truth" / DEFECT).iterdir())]
