@@ -121,7 +121,8 @@ def read_rgb(path):
 def make_generated(folder, data, n=3, defect=DEFECT):
     """A minibldm.sample-like folder of `n` images of `defect`: a training good image with a
     black box (the mask) and a few background values changed; returns (expected PSNRs, mask
-    areas, changes inside the mask). Image 1's source is written as a path from another working directory."""
+    areas, changes inside the mask). Image 1's source is written as a path from another working
+    directory."""
     cat = read_category(data)
     train = make_split(cat, K, 0)["defects"][defect]["train"]
     gen, truth = folder / "test" / defect, folder / "ground_truth" / defect
