@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from . import baselines, detector, metrics
+from .cli import Parser, UsageError
 from .data import (Category, DataError, DecodedImages, PairDataset, list_images, mask_of,
                    load_or_make_split, make_split, read_category)
 from .io import file_sha256, write_result
@@ -57,17 +58,8 @@ METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_iou", "image_auroc"
 PROG = "python -m minibldm.evaluate"
 
 
-class UsageError(Exception):
-    """Bad input; the message is one line and names the argument."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise UsageError(message)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description=__doc__,
+    p = Parser(prog=PROG, description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--data", required=True, metavar="DIR", help="category folder (MVTec AD layout)")

@@ -60,7 +60,8 @@ import torch
 from PIL import Image
 
 from .data import Category, DataError, read_category, read_image, read_mask
-from .evaluate import UsageError, _Parser, check_generated, read_split, split_pairs
+from .cli import Parser, UsageError
+from .evaluate import check_generated, read_split, split_pairs
 from .io import write_result
 
 PROG = "python -m minibldm.genquality"
@@ -230,7 +231,7 @@ def literature(types: list[str], read, cap: int, device: str, log) -> dict:
 # ---- inputs -----------------------------------------------------------------------------------
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description=__doc__,
+    p = Parser(prog=PROG, description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--generated", nargs="+", required=True, metavar="DIR", help="minibldm.sample outputs")

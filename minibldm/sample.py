@@ -34,6 +34,7 @@ from safetensors import safe_open
 
 from . import demo
 from .adapt import adapt_decoder, adapt_decoders
+from .cli import UsageError
 from .data import DataError, mask_to_tensor, read_image, read_mask, to_tensor
 from .ddim import alphas_cumprod
 from .io import WeightsError, atomic_path
@@ -44,10 +45,6 @@ from .weights import load
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "tiny"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UsageError(Exception):
-    """Bad input; the message is one line."""
 
 
 def image_files(folder: Path, what: str) -> list[Path]:
