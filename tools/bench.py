@@ -248,12 +248,16 @@ def bench_adapt(args, device, results):
     row["diffusers_float32"], l_ref = theirs()
     row["minibldm_float32"], l_ours = ours(False)
     row["resolution"], row["iterations"] = res, n
+    every = max(1, n // 20)  # the loss curves, about 20 points each
+    row["loss_curves"] = {"every": every, "diffusers_float32": l_ref[::every],
+                          "minibldm_float32": l_ours[::every]}
     row["first_loss_float32"] = {"diffusers": l_ref[0], "minibldm": l_ours[0]}
     row["final_loss_float32"] = {"diffusers": l_ref[-1], "minibldm": l_ours[-1],
                                  "relative_difference": l_ours[-1] / l_ref[-1] - 1}
     if "bfloat16" in args.dtype:
         row["minibldm_bf16_autocast"], l_bf = ours(True)
         row["first_loss_bf16"] = l_bf[0]
+        row["loss_curves"]["minibldm_bf16_autocast"] = l_bf[::every]
         row["final_loss_bf16"] = {"minibldm": l_bf[-1],
                                   "relative_difference_vs_diffusers_float32": l_bf[-1] / l_ref[-1] - 1}
     for k in [k for k in row if k.startswith("minibldm_")]:
