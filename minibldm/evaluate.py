@@ -60,7 +60,7 @@ PROG = "python -m minibldm.evaluate"
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog=PROG, description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--data", required=True, metavar="DIR", help="category folder (MVTec AD layout)")
     add("--method", required=True, choices=METHODS, help="source of training defects")
@@ -68,7 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--k", type=int, help="real defects per type for training (default 10, or --split's)")
     add("--seed", type=int, help="split and detector seed (default 0); with --split, the "
         "detector's seed only (default the split's)")
-    add("--split", metavar="FILE", help="a training run's split.json (its k and seed make the split)")
+    add("--split", metavar="FILE",
+        help="a training run's split.json (its k and seed make the split)")
     add("--steps", type=int, default=400, metavar="N", help="detector training steps (400)")
     add("--size", type=int, default=128, metavar="S", help="image side, a multiple of 8 (128)")
     add("--batch-size", type=int, default=8, metavar="B", help="half good, half defects (8)")
@@ -120,7 +121,8 @@ def read_split(args, category: Category) -> dict:
         if not isinstance(stored, dict) or not isinstance(stored.get("defects"), dict):
             raise UsageError(f"--split {args.split}: not a split file (no \"defects\" object)")
         if args.k is not None and args.k != stored.get("k"):
-            raise UsageError(f"--k {args.k}: --split {args.split} was made with k={stored.get('k')}")
+            raise UsageError(f"--k {args.k}: --split {args.split} was made with "
+                             f"k={stored.get('k')}")
         args.k, args.split_seed = stored.get("k"), stored.get("seed")
         args.seed = args.split_seed if args.seed is None else args.seed  # the detector's seed
         try:

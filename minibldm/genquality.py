@@ -36,7 +36,8 @@ and the held-out guard are minibldm.evaluate's (--split, or --k and --seed). Per
   package is missing or its weights cannot be fetched or loaded, one line on stderr says why
   and the JSON records {"skipped": reason}.
 
-"overall": PSNR, change in mask and mask spread over every image pooled; IS, KID, IC-LPIPS the mean over types.
+"overall": PSNR, change in mask and mask spread over every image pooled; IS, KID and IC-LPIPS
+the mean over types.
 The JSON (--out) holds "per_type", "overall", "settings", "split", "wall_seconds"; a markdown
 table goes to stdout and beside the JSON as .md. Bad input: one line on stderr naming the
 argument or file, exit status 2, nothing written.
@@ -232,7 +233,7 @@ def literature(types: list[str], read, cap: int, device: str, log) -> dict:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog=PROG, description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--generated", nargs="+", required=True, metavar="DIR", help="minibldm.sample outputs")
     add("--data", required=True, metavar="DIR", help="the category (MVTec AD or plain layout)")
@@ -344,7 +345,8 @@ def measure(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> di
         for key, pairs in (("train", train[t]), ("real", category.defects[t])):
             geometry[key] = [mask_geometry(m) for m in read_masks([m for _, m in pairs], "--data")]
         per_type[t] = {"n": len(items), "background_psnr": summary(psnr),
-                       "defect_change": summary(change), "masks": mask_spread(geometry["gen"], geometry["train"], geometry["real"])}
+                       "defect_change": summary(change),
+                       "masks": mask_spread(geometry["gen"], geometry["train"], geometry["real"])}
         pooled["psnr"] += psnr
         pooled["change"] += change
         for key, values in geometry.items():

@@ -149,7 +149,8 @@ def bench_step(args, device, results):
             row["minibldm_channels_last"] = timed(lambda: step_cl(zl, tt), device, args.repeats)
             row["minibldm_channels_last"]["speedup_vs_minibldm"] = (
                 row["minibldm"]["median_s"] / row["minibldm_channels_last"]["median_s"])
-            row["channels_last_vs_eager_max_abs"] = (step_cl(zl, tt).float() - ours(zz, tt).float()).abs().max().item()
+            row["channels_last_vs_eager_max_abs"] = (
+                step_cl(zl, tt).float() - ours(zz, tt).float()).abs().max().item()
             print(f"step {dname} channels_last: {row['minibldm_channels_last']['median_s']:.3f} s",
                   file=sys.stderr, flush=True)
             del ul, cn

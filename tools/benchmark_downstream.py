@@ -21,7 +21,7 @@ For each seed, on one real category (default ../shared/data/magnetic_tile, a sur
 Then the mean ± std over seeds goes to WORK/MODE/summary.json and summary.md (the table for
 docs/RESULTS.md): the spread covers the split, the generator's training, generation and the
 detector. Every step resumes: run the same command again after an interruption. --quick (one
-seed, 100 steps per stage, 2 images per type) checks the whole chain in about 15 minutes on 2
+seed, 100 steps per stage, 2 images per type) checks the whole chain in about 10 minutes on 2
 CPU cores; its numbers say nothing about quality.
 """
 from __future__ import annotations
@@ -105,8 +105,7 @@ def generate(model: Path, data: Path, masks: dict, out: Path, seed: int, n: int,
         run([sys.executable, "-m", "minibldm.sample", "--weights", model,
              "--images", data / "train" / "good", "--defect-masks", folder, "--texture",
              "--object", "magnetic tile", "--defect", name, "-n", n, "--batch-size", min(n, 5),
-             "--out", target,
-             "--seed", seed, "--device", device, "--quiet"], log)
+             "--out", target, "--seed", seed, "--device", device, "--quiet"], log)
         outs.append(target)
     return outs
 
@@ -214,8 +213,8 @@ def main(argv=None) -> int:
     (work / "summary.json").write_text(json.dumps(
         {"info": info, "summary": summary, "per_seed": per_seed, "genquality": quality}, indent=1) + "\n")
     (work / "summary.md").write_text(
-        f"Downstream detection on {data.name}, {mode} mode, seeds {seeds} (a generator, a split and "
-        f"a detector per seed), mean ± std over seeds of the mean over defect types.\n\n" + table
+        f"Downstream detection on {data.name}, {mode} mode, seeds {seeds} (a generator, a split "
+        f"and a detector per seed), mean ± std over seeds of the mean over defect types.\n\n" + table
         + "".join(f"\nPer defect type, {m.replace('_', ' ')}:\n\n" + per_type_table(per_seed, m)
                   for m in ("pixel_ap", "image_auroc")))
     print(table + f"\nwrote {work / 'summary.json'} and {work / 'summary.md'} "
