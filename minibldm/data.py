@@ -421,17 +421,18 @@ class GoodDataset(torch.utils.data.Dataset):
     a `length` of N·epochs gives every epoch its own flips and stays exactly reproducible.
     `prompt_fn(object_name, defect name or None)` makes the prompts (default `default_prompt`).
     `defect_repeat` R lists each defect image R times, so an epoch shows it R times.
-    Returns {"image": (3, S, S) in [-1, 1], "prompt": str, "defect": folder or ""}.
+    Returns {"image": (3, S, S) in [-1, 1], "mask": (1, S, S) the defect mask (flipped with the
+    image; zeros for a good image), "prompt": str, "defect": folder or ""}.
     """
 
     def __init__(self, category: Category, size: int = 256, seed: int = 0,
                  prompt_fn: Callable[[str, str | None], str] = default_prompt,
                  split: dict | None = None, p_empty_prompt: float = 0.1,
                  length: int | None = None, cache_size: int = 2048, defect_repeat: int = 1):
-        self.items = [(p, "") for p in category.good]
+        self.items = [(p, "", None) for p in category.good]  # (image, defect folder, mask)
         for name, part in (split or {"defects": {}})["defects"].items():
             chosen = set(part["train"])
-            self.items += [(img, name) for img, _ in category.defects.get(name, [])
+            self.items += [(img, name, m) for img, m in category.defects.get(name, [])
                            if category.rel(img) in chosen] * defect_repeat
         self.category, self.size, self.seed, self.prompt_fn = category, size, seed, prompt_fn
         self.p_empty_prompt = p_empty_prompt
@@ -443,14 +444,16 @@ class GoodDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         g = item_generator(self.seed, i)
-        path, defect = self.items[i % len(self.items)]
+        path, defect, mask_path = self.items[i % len(self.items)]
         image = self.decoded.image(path).float() / 127.5 - 1
+        mask = (self.decoded.mask(mask_path).float()[None] if mask_path is not None
+                else torch.zeros(1, *image.shape[1:]))
         flip_lr, flip_ud, empty = (torch.rand(3, generator=g) < torch.tensor(
             [0.5, 0.5, self.p_empty_prompt])).tolist()
         if flip_lr:
-            image = image.flip(-1)
+            image, mask = image.flip(-1), mask.flip(-1)
         if flip_ud:
-            image = image.flip(-2)
+            image, mask = image.flip(-2), mask.flip(-2)
         name = self.category.defect_names.get(defect, defect) if defect else None
         prompt = "" if empty else self.prompt_fn(self.category.object_name, name)
-        return {"image": image, "prompt": prompt, "defect": defect}
+        return {"image": image, "mask": mask, "prompt": prompt, "defect": defect}

@@ -39,7 +39,7 @@ from .data import DataError, mask_to_tensor, read_image, read_mask, to_tensor
 from .ddim import alphas_cumprod
 from .io import WeightsError, atomic_path
 from .masks import PlacementError, foreground_for, sample_defect_mask, trimap
-from .sampler import Stages, blended_sample, gaussian, guided_eps
+from .sampler import LATENT_MASKS, Stages, blended_sample, gaussian, guided_eps
 from .weights import load
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "tiny"
@@ -182,6 +182,9 @@ def parse_args(argv):
     run.add_argument("--image-start", type=int, default=45, help="first image-editing step (reference: 45)")
     run.add_argument("--stage-lengths", type=int, nargs=3, metavar=("FREE", "LATENT", "IMAGE"),
                      help="consecutive stage lengths instead; the paper's are 50 30 5")
+    run.add_argument("--latent-mask", choices=LATENT_MASKS, default="nearest",
+                     help="how M* shrinks to the latent grid: nearest (reference code) or cover "
+                          "(every latent cell the mask touches; keeps defects thinner than 8 px)")
     run.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale (text only)")
     run.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     run.add_argument("--translate-only", action="store_true", help="place masks without rotation or scaling (reference test script)")
@@ -252,7 +255,8 @@ def check_control_names(path: Path, defect: str) -> None:
 def run_settings(args, stages: Stages, size: int) -> dict:
     keys = ("weights", "control", "images", "defect_masks", "exact_masks", "good", "foreground",
             "texture", "object", "defect", "seed", "guidance", "eta", "translate_only",
-            "adapt_steps", "adapt_lr", "adapt_blocks", "bg_weight", "fg_weight", "paste_background", "dtype")
+            "adapt_steps", "adapt_lr", "adapt_blocks", "bg_weight", "fg_weight", "paste_background", "dtype",
+            "latent_mask")
     return {**{k: getattr(args, k) for k in keys}, "size": size, "stages": vars(stages)}
 
 
@@ -339,7 +343,7 @@ def generate(args) -> int:
                            uncond.expand(len(chunk), -1, -1), stages, per_image_noise(gens),
                            args.guidance, args.eta, args.adapt_steps, args.adapt_lr, args.fg_weight,
                            args.bg_weight, progress, adapt_progress, args.adapt_blocks,
-                           compile=args.compile)
+                           compile=args.compile, latent_mask=args.latent_mask)
         before, after = res["before"], res["after"]
         if args.paste_background:
             w = feathered(mask)
@@ -372,7 +376,7 @@ def defect_image(m, x_ok: torch.Tensor, mask: torch.Tensor, hint: torch.Tensor,
                  guidance: float = 9.0, eta: float = 0.0, adapt_steps: int = 200,
                  adapt_lr: float = 1e-4, fg_weight: float = 1.0, bg_weight: float = 100.0,
                  progress=None, adapt_progress=None, adapt_blocks: int | None = None,
-                 compile: bool = False) -> dict:
+                 compile: bool = False, latent_mask: str = "nearest") -> dict:
     """The whole method for one input, or a batch of B: encode x_OK (a posterior sample),
     Algorithm 1 (guided, blended DDIM), decode, Algorithm 2 (decoder adaptation, one decoder copy
     per image: adapt.adapt_decoders when B > 1). m: a minibldm.Models with a control branch;
@@ -381,13 +385,15 @@ def defect_image(m, x_ok: torch.Tensor, mask: torch.Tensor, hint: torch.Tensor,
     draws its own). Returns {"z_ok", "z", "before", "after", "losses"}: z* the sampled latent,
     the image decoded by the frozen and by the adapted decoder, and per image the adaptation
     loss per step. compile: the adaptation of a single image runs through torch.compile
-    (adapt_decoder); compile the UNet and branch in `m` yourself (see generate)."""
+    (adapt_decoder); compile the UNet and branch in `m` yourself (see generate). latent_mask:
+    how M* shrinks to the latent grid (sampler.latent_keep_mask)."""
     ae = m.autoencoder
     with torch.no_grad():
         z_ok = ae.encode(x_ok, noise=noise)
         eps = guided_eps(m.unet, m.control, cond, uncond, hint, guidance)
         z = blended_sample(eps, lambda x, nz: ae.encode(x, noise=nz), ae.decode, z_ok, x_ok, mask,
-                           alphas_cumprod(), stages, eta=eta, callback=progress, noise=noise)
+                           alphas_cumprod(), stages, eta=eta, callback=progress, noise=noise,
+                           latent_mask=latent_mask)
         h = ae.decoder_input(z)
         before = ae.decoder(h)
     with torch.enable_grad():

@@ -57,10 +57,24 @@ class Stages:
         return ddim_timesteps(self.steps)[-self.steps:]
 
 
-def latent_keep_mask(mask: Tensor, latent_hw: tuple[int, int], dilation: int = 5) -> Tensor:
-    """m = 1 - dilate_k(nearest-resize(M*)): 1 where the latent is replaced by z_OK's.
-    mask: (B, 1, H, W) in {0, 1} -> (B, 1, h, w)."""
-    small = F.interpolate(mask.float(), size=latent_hw, mode="nearest")
+LATENT_MASKS = ("nearest", "cover")
+
+
+def latent_keep_mask(mask: Tensor, latent_hw: tuple[int, int], dilation: int = 5,
+                     resize: str = "nearest") -> Tensor:
+    """m = 1 - dilate_k(resize(M*)): 1 where the latent is replaced by z_OK's.
+    mask: (B, 1, H, W) in {0, 1} -> (B, 1, h, w).
+
+    resize "nearest" (the reference code) reads one pixel per latent cell, so a defect thinner
+    than the autoencoder's factor f can fall between the pixels it reads and vanish: the whole
+    latent is then kept and no defect can appear. "cover" marks every cell whose f x f patch
+    holds any mask pixel (a max-pool), so the mask never vanishes."""
+    if resize == "nearest":
+        small = F.interpolate(mask.float(), size=latent_hw, mode="nearest")
+    elif resize == "cover":
+        small = F.adaptive_max_pool2d(mask.float(), latent_hw)
+    else:
+        raise ValueError(f"latent mask resize must be one of {LATENT_MASKS}, got {resize!r}")
     grown = F.max_pool2d(small, dilation, stride=1, padding=dilation // 2)
     return (1.0 - grown).to(mask.dtype)
 
@@ -89,7 +103,8 @@ def blended_sample(eps: Callable[[Tensor, Tensor], Tensor], encode: Callable, de
                    z_ok: Tensor, x_ok: Tensor, mask: Tensor, alphas_cumprod: Tensor,
                    stages: Stages = Stages(), generator: torch.Generator | None = None,
                    eta: float = 0.0, callback: Callable | None = None,
-                   noise: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                   noise: Callable[[Tensor], Tensor] | None = None,
+                   latent_mask: str = "nearest") -> Tensor:
     """Algorithm 1. Returns z*, the latent to decode.
 
     eps(z, t) -> noise prediction (e.g. `guided_eps`); encode(x, noise) -> scaled latent, a
@@ -99,11 +114,12 @@ def blended_sample(eps: Callable[[Tensor, Tensor], Tensor], encode: Callable, de
     z_T, each latent-stage step's re-noising of z_ok, then per image-stage step the posterior
     sample and its re-noising (and with eta > 0 each step's DDIM noise). `noise` defaults to
     gaussian(generator), so a seed fixes the result; a recorded list of draws replays it.
-    callback(i, t, z, x0_pred) after each step.
+    callback(i, t, z, x0_pred) after each step. latent_mask: how M* is resized to the latent
+    grid (`latent_keep_mask`; "nearest" is the reference code's).
     """
     randn_like = noise if noise is not None else gaussian(generator)
 
-    keep = latent_keep_mask(mask, z_ok.shape[-2:]).to(z_ok.dtype)
+    keep = latent_keep_mask(mask, z_ok.shape[-2:], resize=latent_mask).to(z_ok.dtype)
     timesteps = stages.timesteps().tolist()
     z = randn_like(z_ok)
     for i, t in enumerate(timesteps):

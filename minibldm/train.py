@@ -96,6 +96,8 @@ SECTION = {"autoencoder": "autoencoder", "unet": "unet", "text_encoder": "text",
 # (--config's path may change too: its content is compared as "model".)
 MAY_CHANGE = {"steps", "checkpoint_every", "device", "num_workers", "grad_checkpoint", "log_every",
               "out", "config"}
+# Settings added after runs were made: a checkpoint without one was made with this value.
+ADDED_SETTINGS = {"defect_weight": 1.0}
 NUM_TIMESTEPS = 1000
 PROG = "python -m minibldm.train"
 
@@ -136,6 +138,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--defect-repeat", type=int, default=1, metavar="R",
                    help="text and unet stages: each few-shot defect image counts R times per epoch "
                         "(default 1), so that a few defects among many good images are seen often")
+    p.add_argument("--defect-weight", type=float, default=1.0, metavar="W",
+                   help="diffusion stages: weight of the denoising loss on the latent cells a "
+                        "defect mask touches (default 1: ldm's plain mean); W > 1 makes small and "
+                        "thin defects count, which otherwise are a fraction of a percent of it")
     p.add_argument("--p-empty-prompt", type=float, default=0.1, help="probability of the empty prompt")
     p.add_argument("--object", help="object name for the prompts (default: meta.json or the folder name)")
     p.add_argument("--texture", action="store_true", help="a surface: the foreground is the whole image")
@@ -366,8 +372,9 @@ class StepBatches(torch.utils.data.Sampler):
 def collate(items: list[dict]) -> dict:
     out = {"image": torch.stack([it["image"] for it in items]),
            "prompt": [it["prompt"] for it in items]}
-    if "hint" in items[0]:
-        out["hint"] = torch.stack([it["hint"] for it in items])
+    for key in ("hint", "mask"):
+        if key in items[0]:
+            out[key] = torch.stack([it[key] for it in items])
     return out
 
 
@@ -473,18 +480,30 @@ def latent_scale(autoencoder: Autoencoder, dataset, args, n: int = 64) -> float:
     return 1.0 / torch.cat(zs).float().std().item()
 
 
+def defect_weights(mask: torch.Tensor, latent_hw: tuple[int, int], weight: float) -> torch.Tensor:
+    """Per latent cell: `weight` where the defect mask (B, 1, H, W) touches the cell's f x f
+    patch (a max-pool, so a 1-pixel scratch still marks its cells), 1 elsewhere; (B, 1, h, w)."""
+    touched = F.adaptive_max_pool2d(mask.float(), latent_hw)
+    return 1 + (weight - 1) * touched
+
+
 def denoising_loss(unet, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                    context: torch.Tensor, schedule: torch.Tensor, control=None,
                    hint: torch.Tensor | None = None,
-                   control_context: torch.Tensor | None = None) -> torch.Tensor:
-    """‖ε − ε_θ(z_t, t, context, control residuals)‖², the mean over all elements (ldm's l2).
+                   control_context: torch.Tensor | None = None,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """‖ε − ε_θ(z_t, t, context, control residuals)‖², the mean over all elements (ldm's l2);
+    with `weights` (B, 1, h, w), the weighted mean Σ w·(ε − ε_θ)² / Σ w over the channels too.
     t (B,) on the CPU (the schedule's device); with `control` the residuals of
     control(z_t, hint, t, control_context) are added to the UNet's skips."""
     z_t = q_sample(z0, t, noise, schedule)
     t = t.to(z0.device)
     residuals = control(z_t, hint, t, control_context) if control is not None else None
     eps = unet(z_t, t, context, control=residuals)
-    return F.mse_loss(eps.float(), noise.float())
+    if weights is None:
+        return F.mse_loss(eps.float(), noise.float())
+    w = weights.float().expand_as(eps)
+    return (w * (eps.float() - noise.float()).square()).sum() / w.sum()
 
 
 class AutoencoderLoss(nn.Module):
@@ -551,6 +570,11 @@ def check_args(args) -> None:
                              ("--log-every", args.log_every, 1)):
         if value < low:
             raise TrainError(f"{flag} must be at least {low}, got {value}")
+    if not (args.defect_weight > 0 and math.isfinite(args.defect_weight)):
+        raise TrainError(f"--defect-weight must be positive, got {args.defect_weight}")
+    if args.defect_weight != 1 and args.stage == "autoencoder":
+        raise TrainError("--defect-weight: only the diffusion stages (text, unet, control) weight "
+                         "their loss by the defect masks")
     if not 0 <= args.p_empty_prompt <= 1:
         raise TrainError(f"--p-empty-prompt must be in [0, 1], got {args.p_empty_prompt}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
@@ -586,7 +610,7 @@ def train(args) -> int:
     ckpt = out / CHECKPOINT
     state = read_checkpoint_state(ckpt) if ckpt.is_file() else None
     if state is not None:
-        differ = [k for k in differences(state["run"], run) if k.split(".")[0] not in MAY_CHANGE
+        differ = [k for k in differences({**ADDED_SETTINGS, **state["run"]}, run) if k.split(".")[0] not in MAY_CHANGE
                   and not (k == "model.autoencoder.scale_factor" and args.scale_factor is not None)]
         if differ:
             raise TrainError(f"--out {out}: holds a run with other settings ({', '.join(differ)}); "
@@ -664,11 +688,15 @@ def train(args) -> int:
             context = calls["text_encoder"](tokenizer(batch["prompt"]).to(device))
         else:
             context = prompts(batch["prompt"])
+        weights = None
+        if args.defect_weight != 1:
+            weights = defect_weights(batch["mask"].to(device), z0.shape[-2:], args.defect_weight)
         if args.stage == "control":
             return denoising_loss(nets["unet"], z0, t, noise, context, schedule,
                                   control=calls["control"], hint=batch["hint"].to(device),
-                                  control_context=prompts([""]).expand(len(indices), -1, -1))
-        return denoising_loss(calls["unet"], z0, t, noise, context, schedule)
+                                  control_context=prompts([""]).expand(len(indices), -1, -1),
+                                  weights=weights)
+        return denoising_loss(calls["unet"], z0, t, noise, context, schedule, weights=weights)
 
     last_checkpoint = start or None
 

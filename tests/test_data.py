@@ -362,10 +362,34 @@ def test_good_dataset_defect_repeat(tmp_path):
     once = data.GoodDataset(c, size=24, seed=1, split=split, p_empty_prompt=0.0)
     thrice = data.GoodDataset(c, size=24, seed=1, split=split, p_empty_prompt=0.0, defect_repeat=3)
     assert len(thrice) == 4 + 3 * (3 + 3)
-    defects = [path for path, d in once.items if d]
-    assert sorted(path for path, d in thrice.items if d) == sorted(defects * 3)
+    defects = [path for path, d, _ in once.items if d]
+    assert sorted(path for path, d, _ in thrice.items if d) == sorted(defects * 3)
     assert [x for x in thrice.items if not x[1]] == [x for x in once.items if not x[1]]
     assert sum(thrice[i]["defect"] != "" for i in range(len(thrice))) == 18
+
+
+def test_good_dataset_masks_follow_the_flips(tmp_path):
+    c, split = category_with_foreground(tmp_path)
+    ds = data.GoodDataset(c, size=24, seed=1, split=split, p_empty_prompt=0.0, length=400)
+    flips = set()
+    for i in range(400):
+        item = ds[i]
+        path, defect, mask_path = ds.items[i % len(ds.items)]
+        assert item["mask"].shape == (1, 24, 24)
+        if not defect:
+            assert mask_path is None and not item["mask"].any()
+            continue
+        image = data.to_tensor(data.read_image(path), 24)
+        mask = data.mask_to_tensor(data.read_mask(mask_path)[0], 24).float()[None]
+        assert mask.any()
+        # the item's flips, found from the image, must be the mask's too
+        k = next(k for k, (fy, fx) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)])
+                 if torch.equal(item["image"], image.flip([-2] * fy + [-1] * fx) if fy or fx else image))
+        fy, fx = [(0, 0), (0, 1), (1, 0), (1, 1)][k]
+        want = mask.flip([-2] * fy + [-1] * fx) if fy or fx else mask
+        assert torch.equal(item["mask"], want)
+        flips.add(k)
+    assert flips == {0, 1, 2, 3}
 
 
 # ---- real data --------------------------------------------------------------------------------

@@ -46,6 +46,22 @@ def test_keep_mask_is_one_minus_dilated_resized_mask():
     assert torch.equal(keep[0, 0], want)
 
 
+def test_cover_keeps_a_thin_defect_that_nearest_loses():
+    m = torch.zeros(1, 1, 64, 64)
+    m[..., 10:50, 2] = 1  # a 1-pixel vertical scratch; nearest reads column 8j + 4 for cell j
+    assert torch.equal(latent_keep_mask(m, (8, 8)), torch.ones(1, 1, 8, 8))  # lost: all kept
+    keep = latent_keep_mask(m, (8, 8), resize="cover")
+    # cells (1..6, 0) hold scratch pixels; dilated 5x5: rows 0..7 (clipped), columns 0..2
+    want = torch.ones(8, 8)
+    want[:, 0:3] = 0
+    assert torch.equal(keep[0, 0], want)
+    big = torch.zeros(1, 1, 64, 64)
+    big[..., 24:40, 24:40] = 1  # cover and nearest agree when every touched cell is read
+    assert torch.equal(latent_keep_mask(big, (8, 8)), latent_keep_mask(big, (8, 8), resize="cover"))
+    with pytest.raises(ValueError, match="nearest"):
+        latent_keep_mask(m, (8, 8), resize="area")
+
+
 class Spy:
     """Tiny random networks, recording what the sampler feeds them."""
 

@@ -430,3 +430,89 @@ def test_control_branch_for_several_categories(pill, tiny_weights, tmp_path):
     prompts = [dataset[i]["prompt"] for i in range(8)]
     assert all(p.startswith("a pill ") for p in prompts[0::2] if p)
     assert all(p.startswith(f"a {washer_name} ") for p in prompts[1::2] if p)
+
+
+# ---- --defect-weight: the denoising loss weighted towards the defect's latent cells -----------
+
+def test_defect_weighted_control_run_equals_a_plain_loop(pill, tiny_weights, tmp_path):
+    """2 control steps with --defect-weight 5, redone by hand: a latent cell weighs 5 when any
+    pixel of its 8 x 8 patch is in the pasted defect's mask, else 1; the loss is the weighted
+    mean of (ε_θ − ε)² over all latent elements."""
+    out = tmp_path / "run"
+    rc, err = run(*control_args(pill, tiny_weights, out, 2, "--defect-weight", 5))
+    assert rc == 0, err
+    m = minibldm.load(tiny_weights)
+    control = train.new_network("control", UNET, 0).copy_from_unet(m.unet)
+    opt = torch.optim.AdamW(control.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
+    ds = PairDataset(read_category(pill), json.loads((out / "split.json").read_text()), size=SIZE)
+    a = alphas_cumprod()
+    h = SIZE // 8
+    with torch.no_grad():
+        empty = m.text_encoder(m.tokenizer([""]))
+    losses, heavy = [], 0
+    for step in range(2):
+        idx = [2 * step, 2 * step + 1]
+        batch = train.collate([ds[i] for i in idx])
+        t, noise, post = train.sample_draws(0, idx, (4, h, h))
+        w = torch.ones(2, 1, h, h)
+        for b in range(2):
+            for i in range(h):
+                for j in range(h):
+                    if batch["mask"][b, 0, 8 * i:8 * i + 8, 8 * j:8 * j + 8].any():
+                        w[b, 0, i, j] = 5
+        heavy += int((w == 5).sum())
+        with torch.no_grad():
+            mean, logvar = m.autoencoder.moments(batch["image"])
+            z0 = AE.scale_factor * (mean + torch.exp(0.5 * logvar) * post)
+            context = torch.cat([m.text_encoder(m.tokenizer([p])) for p in batch["prompt"]])
+        z_t = (a[t].sqrt().float()[:, None, None, None] * z0
+               + (1 - a[t]).sqrt().float()[:, None, None, None] * noise)
+        eps = m.unet(z_t, t, context, control=control(z_t, batch["hint"], t, empty.expand(2, -1, -1)))
+        loss = (w * (eps - noise) ** 2).sum() / (w.sum() * 4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert 0 < heavy < 4 * h * h  # the weights did single out some cells
+    logged = [float(r.split(",")[1]) for r in (out / "loss.csv").read_text().split()[1:]]
+    assert logged == pytest.approx(losses, rel=1e-5, abs=0)
+    plain = tmp_path / "plain"  # and the weighting changed the loss
+    rc, err = run(*control_args(pill, tiny_weights, plain, 1))
+    assert rc == 0, err
+    first = float((plain / "loss.csv").read_text().split()[1].split(",")[1])
+    assert abs(first - logged[0]) > 1e-4 * first
+
+
+def test_defect_weight_in_the_domain_stage_and_bad_values(pill, tiny_weights, tmp_path):
+    common = ("--weights", tiny_weights, "--data", pill, "--size", SIZE, "--batch-size", 4,
+              "--k", 2, "--defect-repeat", 3)
+    rc, err = run("--stage", "unet", *common, "--out", tmp_path / "u", "--steps", 1,
+                  "--defect-weight", 10)
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / "u" / "config.json").read_text())
+    assert cfg["train"]["defect_weight"] == 10
+    for value in ("0", "-2", "nan"):
+        rc, err = run("--stage", "unet", *common, "--out", tmp_path / "bad", "--defect-weight", value)
+        assert rc == 2 and "--defect-weight must be positive" in err, err
+    rc, err = run("--stage", "autoencoder", "--weights", tiny_weights, "--data", pill, "--out",
+                  tmp_path / "bad", "--defect-weight", 2)
+    assert rc == 2 and "only the diffusion stages" in err, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_checkpoint_from_before_defect_weight_resumes(pill, tiny_weights, tmp_path):
+    """Runs checkpointed before --defect-weight existed were made with weight 1 and resume."""
+    out = tmp_path / "run"
+    rc, err = run(*control_args(pill, tiny_weights, out, 2))
+    assert rc == 0, err
+    ckpt = out / "checkpoint.safetensors"
+    with safe_open(str(ckpt), "pt") as f:
+        meta = f.metadata()
+    state = json.loads(meta["state"])
+    del state["run"]["defect_weight"]
+    from safetensors.torch import save_file
+    save_file(load_file(str(ckpt)), str(ckpt), {**meta, "state": json.dumps(state)})
+    rc, err = run(*control_args(pill, tiny_weights, out, 3))
+    assert rc == 0 and "steps 2..3" in err, err
+    rc, err = run(*control_args(pill, tiny_weights, out, 4, "--defect-weight", 2))
+    assert rc == 2 and "defect_weight" in err, err

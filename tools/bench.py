@@ -2,8 +2,9 @@
 random weights (diffusers' networks converted by minibldm.convert, as users convert theirs).
 
     python tools/bench.py [--device cpu|cuda] [--size sd15|tiny] [--dtype float32 bfloat16]
-                          [--parts peak step adapt pipeline memory] [--compile] [--channels-last]
-                          [--repeats 3] [--adapt-steps N] [--adapt-res PX] --out BENCH.json
+                          [--parts peak step adapt adapt-trained pipeline memory] [--compile] [--channels-last]
+                          [--repeats 3] [--adapt-steps N] [--adapt-res PX] [--adapt-blocks N ...]
+                          --out BENCH.json
 
 Parts (medians of --repeats timed runs after one warm-up):
   peak      the device's matmul throughput (4096^2 on GPUs, 2048^2 on CPUs), GFLOP/s per dtype
@@ -17,10 +18,16 @@ Parts (medians of --repeats timed runs after one warm-up):
   adapt     one decoder-adaptation iteration (forward, loss, backward, AdamW) at 256x256:
             minibldm.adapt_decoder against a plain loop over diffusers' AutoencoderKL decoder;
             float32, and minibldm under bfloat16 autocast when bfloat16 is asked for; each runs
-            --adapt-steps iterations (200: the final losses are compared) at --adapt-res
+            --adapt-steps iterations (200: the final losses are compared) at --adapt-res;
+            --compile adds the compiled adaptation, --adapt-blocks N its opt-in faster variants
   pipeline  the whole default method for one image (minibldm.sample.defect_image, 50 steps and
             200 adaptation steps) with weights/tiny: wall time and peak memory (a subprocess's
             peak RSS on CPU, max_memory_allocated on a GPU)
+  adapt-trained
+            the 200-step adaptation with the trained tiny decoder (weights/tiny) on a synthetic
+            pill and the same pill with a stain, where the loss stays far from 0: final loss of
+            float32, bfloat16 autocast, compiled (--compile) and --adapt-blocks variants, and
+            the background PSNR each reaches
   memory    peak memory of the whole method at SD 1.5 size (random weights, 256 px, float32 and/or
             bfloat16 weights), with short stage lengths: the peak does not depend on them
 The JSON holds every timing, the device, torch and diffusers versions and the date.
@@ -216,15 +223,18 @@ def bench_adapt(args, device, results):
     def per_step(times):
         return {"median_s": statistics.median(times[1:]), "runs_s": times[1:]}
 
-    def ours(autocast: bool):
+    def ours(autocast: bool, blocks: int | None = None, compile: bool = False):
         stamps = [time.perf_counter()]
 
         def cb(step, loss):
             sync(device)
             stamps.append(time.perf_counter())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            _, losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=n, callback=cb)
-        return per_step([b - a for a, b in zip(stamps, stamps[1:])]), losses
+            _, losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=n, callback=cb,
+                                      blocks=blocks, compile=compile)
+        times = [b - a for a, b in zip(stamps, stamps[1:])]
+        # the first iteration (dropped from the median) holds the compile when there is one
+        return {**per_step(times), "first_iteration_s": times[0]}, losses
 
     def theirs():
         dec = copy.deepcopy(vae.decoder).train()
@@ -255,6 +265,14 @@ def bench_adapt(args, device, results):
     row["first_loss_float32"] = {"diffusers": l_ref[0], "minibldm": l_ours[0]}
     row["final_loss_float32"] = {"diffusers": l_ref[-1], "minibldm": l_ours[-1],
                                  "relative_difference": l_ours[-1] / l_ref[-1] - 1}
+    if args.compile:
+        row["minibldm_compiled_float32"], l_c = ours(False, compile=True)
+        row["loss_curves"]["minibldm_compiled_float32"] = l_c[::every]
+        row["final_loss_compiled_float32"] = {"minibldm": l_c[-1],
+                                              "relative_difference": l_c[-1] / l_ref[-1] - 1}
+    for b in args.adapt_blocks or ():
+        row[f"minibldm_blocks{b}_float32"], l_b = ours(False, blocks=b)
+        row["loss_curves"][f"minibldm_blocks{b}_float32"] = l_b[::every]
     if "bfloat16" in args.dtype:
         row["minibldm_bf16_autocast"], l_bf = ours(True)
         row["first_loss_bf16"] = l_bf[0]
@@ -335,6 +353,64 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_bytes": hwm(), "wei
 """
 
 
+def bench_adapt_trained(args, device, results):
+    """The full 200-step adaptation with a trained decoder (weights/tiny, 128 px), where the
+    loss stays far from 0: a synthetic pill and the same pill with a stain (synth draws both
+    from one generator state, so only the stain's pixels differ); z* = the stained image's
+    latent (posterior mean), x_OK the clean one, M* the stain's mask. Each variant's final
+    loss, its relative difference from float32 eager, the background PSNR of its output
+    against x_OK, and seconds per iteration."""
+    import numpy as np
+    import minibldm
+    from minibldm.adapt import adapt_decoder
+    from minibldm.data import to_tensor
+    from minibldm.sample import psnr
+    from minibldm.synth import image_rng, make_defect, make_good
+
+    m = minibldm.load(REPO / "weights" / "tiny", device=device)
+    ae, res, steps = m.autoencoder, 128, args.adapt_steps or 200
+    rng = lambda: image_rng(0, "pill", "bench", 0)  # noqa: E731
+    good, _ = make_good("pill", rng(), 256)
+    bad, mask, _ = make_defect("pill", "stain", rng(), 256)
+    x_ok = to_tensor(good, res)[None].to(device)
+    x_ng = to_tensor(bad, res)[None].to(device)
+    mk = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
+    mk = (torch.nn.functional.interpolate(mk, size=(res, res), mode="area") > 0.5).float().to(device)
+    with torch.no_grad():
+        h = ae.decoder_input(ae.encode(x_ng))
+
+    def variant(autocast=False, blocks=None, compile=False):
+        stamps = [time.perf_counter()]
+
+        def cb(step, loss):
+            sync(device)
+            stamps.append(time.perf_counter())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out, losses = adapt_decoder(ae.decoder, h, x_ok, mk, steps=steps, callback=cb,
+                                        blocks=blocks, compile=compile)
+        times = [b - a for a, b in zip(stamps, stamps[1:])]
+        return {"median_s": statistics.median(times[1:]), "first_iteration_s": times[0],
+                "first_loss": losses[0], "final_loss": losses[-1],
+                "psnr_bg": psnr(out.float().clamp(-1, 1), x_ok, 1 - mk),
+                "losses_every_10": losses[::10]}
+
+    rows = {"float32": variant()}
+    if "bfloat16" in args.dtype:
+        rows["bf16_autocast"] = variant(autocast=True)
+    if args.compile:
+        rows["compiled_float32"] = variant(compile=True)
+    for b in args.adapt_blocks or ():
+        rows[f"blocks{b}_float32"] = variant(blocks=b)
+    ref = rows["float32"]
+    for name, r in rows.items():
+        r["final_loss_vs_float32"] = r["final_loss"] / ref["final_loss"] - 1
+        r["speedup_vs_float32"] = ref["median_s"] / r["median_s"]
+        print(f"adapt-trained {name}: {r['median_s'] * 1e3:.1f} ms/iteration, loss "
+              f"{r['first_loss']:.5f} -> {r['final_loss']:.5f} ({r['final_loss_vs_float32']:+.2%} "
+              f"vs float32), background {r['psnr_bg']:.2f} dB", file=sys.stderr, flush=True)
+    results["adapt_trained_tiny"] = {"resolution": res, "steps": steps, "rows": rows}
+
+
 def bench_memory(args, device, results):
     """Peak memory of the whole method at SD 1.5 size (random weights, 256 px). Peak memory does
     not depend on the step counts, so 4 DDIM steps (free, latent and image editing all visited)
@@ -370,7 +446,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=("sd15", "tiny"), default="sd15")
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
     p.add_argument("--parts", nargs="+", default=["peak", "step", "adapt", "pipeline", "memory"],
-                   choices=("peak", "step", "adapt", "pipeline", "memory"))
+                   choices=("peak", "step", "adapt", "adapt-trained", "pipeline", "memory"))
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--channels-last", action="store_true",
@@ -380,6 +456,8 @@ def main(argv=None) -> int:
                    "final losses compare the way issue 7 asks")
     p.add_argument("--adapt-res", type=int, metavar="PX",
                    help="adaptation image side (default 256 for sd15, 128 for tiny)")
+    p.add_argument("--adapt-blocks", type=int, nargs="+", metavar="N",
+                   help="adapt and adapt-trained parts: also time --adapt-blocks N (float32)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -396,6 +474,8 @@ def main(argv=None) -> int:
         bench_step(args, device, results)
     if "adapt" in args.parts:
         bench_adapt(args, device, results)
+    if "adapt-trained" in args.parts:
+        bench_adapt_trained(args, device, results)
     if "pipeline" in args.parts:
         bench_pipeline(args, device, results)
     if "memory" in args.parts:

@@ -8,7 +8,7 @@ weights/tiny/README.md:
    change inside the mask, |x - x_OK| on the 0..255 scale (a defect must actually appear).
 
     python tools/measure_tiny_quality.py --data DATA_DIR [--weights weights/tiny] [-n 5]
-        [--out runs/quality] [--json quality.json]
+        [--out runs/quality] [--json quality.json] [--latent-mask nearest|cover]
 
 DATA_DIR holds the categories (python -m minibldm.synth DATA_DIR); the split of the run that
 trained the control branch is not needed: test/ images are never trained on.
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("-n", type=int, default=5, help="images per category for the sampling figures")
     p.add_argument("--out", default="runs/quality", help="folder for the sample runs")
     p.add_argument("--json", help="write the figures here as JSON")
+    p.add_argument("--latent-mask", default="nearest", help="passed to minibldm.sample")
     args = p.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
     m = minibldm.load(args.weights)
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
             argv = ["--weights", args.weights, "--images", str(data / cat / "test" / "good"),
                     "--defect-masks", str(data / cat / "ground_truth" / defect),
                     "--object", meta["object"], "--defect", meta["defects"][defect],
-                    "-n", str(n), "--out", str(run), "--quiet"]
+                    "-n", str(n), "--out", str(run), "--quiet", "--latent-mask", args.latent_mask]
             argv += ["--texture"] if meta["texture"] else [
                 "--foreground", str(data / cat / "foreground" / "test" / "good")]
             if sample.main(argv):
