@@ -6,8 +6,7 @@
 #
 #   tools/build_tiny.sh [WORK_DIR]        (default: runs/tiny; about 2 GB free space)
 #
-# Environment: AE_STEPS, TEXT_STEPS, CONTROL_STEPS, TEXT_V3_STEPS, CONTROL_V3_STEPS override the
-# step counts below;
+# Environment: AE_STEPS, TEXT_STEPS, CONTROL_STEPS override the step counts below;
 # DEVICE=cuda trains on a GPU.
 set -euo pipefail
 W=${1:-runs/tiny}
@@ -26,18 +25,7 @@ python -m minibldm.train --stage text --weights "$W/ae" --scale-factor auto --da
 python -m minibldm.train --stage control --weights "$W/text" --data $D --out "$W/control" \
     --size 128 --steps "${CONTROL_STEPS:-4500}" --batch-size 16 --lr 1e-4 --k 10 --seed 0 \
     --device "$DEV" --log-every 50
-python "$REPO/tools/pack_weights.py" "$W/control" "$W/v2" --dtype float16
-# v3: fine-tune v2 with the denoising loss weighted 10x on the latent cells the defect masks
-# touch (--defect-weight), so that thin and small defects count; the trimap branch continues
-# from v2's (copied into the text run, where the control stage looks for a branch).
-python -m minibldm.train --stage text --weights "$W/v2" --data $D --out "$W/text-v3" \
-    --size 128 --steps "${TEXT_V3_STEPS:-3000}" --batch-size 16 --lr 1e-4 --k 10 \
-    --defect-repeat 4 --defect-weight 10 --seed 0 --device "$DEV" --log-every 50
-cp "$W/v2/control.safetensors" "$W/text-v3/control.safetensors"
-python -m minibldm.train --stage control --weights "$W/text-v3" --data $D --out "$W/control-v3" \
-    --size 128 --steps "${CONTROL_V3_STEPS:-3000}" --batch-size 16 --lr 1e-4 --k 10 \
-    --defect-weight 10 --seed 0 --device "$DEV" --log-every 50
-python "$REPO/tools/pack_weights.py" "$W/control-v3" "$REPO/weights/tiny" --dtype float16
+python "$REPO/tools/pack_weights.py" "$W/control" "$REPO/weights/tiny" --dtype float16
 python "$REPO/tools/measure_tiny_quality.py" --data "$W/data" --out "$W/quality" -n 4 \
     --json "$W/quality.json"
 python "$REPO/tools/export_vectors.py" "$REPO/tests/vectors/tiny.safetensors"
