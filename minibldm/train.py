@@ -610,7 +610,8 @@ def train(args) -> int:
     ckpt = out / CHECKPOINT
     state = read_checkpoint_state(ckpt) if ckpt.is_file() else None
     if state is not None:
-        differ = [k for k in differences({**ADDED_SETTINGS, **state["run"]}, run) if k.split(".")[0] not in MAY_CHANGE
+        differ = [k for k in differences({**ADDED_SETTINGS, **state["run"]}, run)
+                  if k.split(".")[0] not in MAY_CHANGE
                   and not (k == "model.autoencoder.scale_factor" and args.scale_factor is not None)]
         if differ:
             raise TrainError(f"--out {out}: holds a run with other settings ({', '.join(differ)}); "

@@ -154,15 +154,18 @@ def compute(m: Models, inputs: dict[str, torch.Tensor], noise: torch.Tensor | No
     ae = m.autoencoder
     mean, logvar = ae.moments(inputs["encoder.in.image"])
     out["encoder.out.mean"], out["encoder.out.logvar"] = mean, logvar
-    out["decoder.in.z"] = ae.cfg.scale_factor * mean
+    # a component downstream of another reads the file's copy of its input when one is given
+    # (recompute), as a port does: the DDIM step amplifies a 1e-6 change of ε ~15x at t = 981
+    out["decoder.in.z"] = inputs.get("decoder.in.z", ae.cfg.scale_factor * mean)
     out["decoder.out.image"] = ae.decode(out["decoder.in.z"])
 
     ac = alphas_cumprod()
     out["ddim.in.alphas_cumprod"] = ac
-    out["ddim.in.z_t"], out["ddim.in.eps"] = z_t[:1], eps[:1]
+    out["ddim.in.z_t"] = inputs.get("ddim.in.z_t", z_t[:1])
+    out["ddim.in.eps"] = inputs.get("ddim.in.eps", eps[:1])
     t_now, t_prev = inputs["ddim.in.t"].tolist()
-    out["ddim.out.z_prev"], out["ddim.out.x0"] = ddim_step(z_t[:1], eps[:1], torch.tensor([t_now]),
-                                                           t_prev, ac)
+    out["ddim.out.z_prev"], out["ddim.out.x0"] = ddim_step(
+        out["ddim.in.z_t"], out["ddim.in.eps"], torch.tensor([t_now]), t_prev, ac)
 
     sample_ids = m.tokenizer([f"a metal washer with a {SAMPLE['defect']}", ""])
     cond, unc = m.text_encoder(sample_ids).chunk(2)
@@ -197,10 +200,12 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def recompute(m: Models, ref: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every entry, recomputed by the current code from the inputs and recorded noise of `ref`."""
+    """Every entry, recomputed by the current code from the inputs and recorded noise of `ref`;
+    the decoder and the DDIM step from ref's own inputs (each component checked on its own)."""
     inputs = {k: ref[k] for k in ("control.in.z_t", "control.in.t", "control.in.hint",
                                   "encoder.in.image", "ddim.in.t", "sample.in.x_ok",
-                                  "sample.in.mask", "sample.in.hint")}
+                                  "sample.in.mask", "sample.in.hint", "decoder.in.z",
+                                  "ddim.in.z_t", "ddim.in.eps")}
     return compute(m, inputs, noise=ref["sample.in.noise"])
 
 

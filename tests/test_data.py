@@ -383,10 +383,12 @@ def test_good_dataset_masks_follow_the_flips(tmp_path):
         mask = data.mask_to_tensor(data.read_mask(mask_path)[0], 24).float()[None]
         assert mask.any()
         # the item's flips, found from the image, must be the mask's too
-        k = next(k for k, (fy, fx) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)])
-                 if torch.equal(item["image"], image.flip([-2] * fy + [-1] * fx) if fy or fx else image))
-        fy, fx = [(0, 0), (0, 1), (1, 0), (1, 1)][k]
-        want = mask.flip([-2] * fy + [-1] * fx) if fy or fx else mask
+        def flipped(x, fy, fx):
+            return x.flip([-2] * fy + [-1] * fx) if fy or fx else x
+        ways = [(0, 0), (0, 1), (1, 0), (1, 1)]
+        k = next(k for k, (fy, fx) in enumerate(ways)
+                 if torch.equal(item["image"], flipped(image, fy, fx)))
+        want = flipped(mask, *ways[k])
         assert torch.equal(item["mask"], want)
         flips.add(k)
     assert flips == {0, 1, 2, 3}

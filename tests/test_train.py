@@ -179,11 +179,12 @@ def test_control_steps_lower_the_loss_on_a_fixed_batch(pill, tiny_weights, tmp_p
     assert all(p.grad is None for p in m.unet.parameters())
 
 
-def test_control_run_equals_a_plain_loop(control_run, pill, tiny_weights):
-    """The command's 4 steps, redone by hand from the spec: pairs 2s, 2s+1 for step s, z_0 a
+def redo_control_steps(out, pill, tiny_weights, steps: int, cell_weights=None):
+    """A control run's steps redone by hand from the spec: pairs 2s, 2s+1 for step s, z_0 a
     posterior sample, z_t = sqrt(ā_t) z_0 + sqrt(1 − ā_t) ε, the UNet reading τ(prompt) and the
-    branch reading τ(""), AdamW on the branch alone."""
-    out, _ = control_run
+    branch reading τ(""), AdamW on the branch alone. cell_weights(batch) -> (2, 1, h, w) makes
+    the loss the weighted mean Σ w (ε_θ − ε)² / Σ w over all latent elements.
+    Returns (the branch, the loss per step)."""
     m = minibldm.load(tiny_weights)
     control = train.new_network("control", UNET, 0).copy_from_unet(m.unet)
     opt = torch.optim.AdamW(control.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
@@ -192,7 +193,7 @@ def test_control_run_equals_a_plain_loop(control_run, pill, tiny_weights):
     with torch.no_grad():
         empty = m.text_encoder(m.tokenizer([""]))
     losses = []
-    for step in range(4):
+    for step in range(steps):
         idx = [2 * step, 2 * step + 1]
         batch = train.collate([ds[i] for i in idx])
         t, noise, post = train.sample_draws(0, idx, (4, SIZE // 8, SIZE // 8))
@@ -202,14 +203,29 @@ def test_control_run_equals_a_plain_loop(control_run, pill, tiny_weights):
             context = torch.cat([m.text_encoder(m.tokenizer([p])) for p in batch["prompt"]])
         z_t = (a[t].sqrt().float()[:, None, None, None] * z0
                + (1 - a[t]).sqrt().float()[:, None, None, None] * noise)
-        eps = m.unet(z_t, t, context, control=control(z_t, batch["hint"], t, empty.expand(2, -1, -1)))
-        loss = ((eps - noise) ** 2).mean()
+        residuals = control(z_t, batch["hint"], t, empty.expand(2, -1, -1))
+        eps = m.unet(z_t, t, context, control=residuals)
+        if cell_weights is None:
+            loss = ((eps - noise) ** 2).mean()
+        else:
+            w = cell_weights(batch)
+            loss = (w * (eps - noise) ** 2).sum() / (w.sum() * eps.shape[1])
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    logged = [float(r.split(",")[1]) for r in (out / "loss.csv").read_text().split()[1:]]
-    assert logged == pytest.approx(losses, rel=1e-6, abs=0)
+    return control, losses
+
+
+def logged_losses(out) -> list[float]:
+    return [float(r.split(",")[1]) for r in (out / "loss.csv").read_text().split()[1:]]
+
+
+def test_control_run_equals_a_plain_loop(control_run, pill, tiny_weights):
+    """The command's 4 steps, redone by hand (redo_control_steps)."""
+    out, _ = control_run
+    control, losses = redo_control_steps(out, pill, tiny_weights, 4)
+    assert logged_losses(out) == pytest.approx(losses, rel=1e-6, abs=0)
     got = tensors(out / "control.safetensors")
     for k, v in control.state_dict().items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
@@ -436,51 +452,29 @@ def test_control_branch_for_several_categories(pill, tiny_weights, tmp_path):
 
 def test_defect_weighted_control_run_equals_a_plain_loop(pill, tiny_weights, tmp_path):
     """2 control steps with --defect-weight 5, redone by hand: a latent cell weighs 5 when any
-    pixel of its 8 x 8 patch is in the pasted defect's mask, else 1; the loss is the weighted
-    mean of (ε_θ − ε)² over all latent elements."""
+    pixel of its 8 x 8 patch is in the pasted defect's mask, else 1."""
     out = tmp_path / "run"
     rc, err = run(*control_args(pill, tiny_weights, out, 2, "--defect-weight", 5))
     assert rc == 0, err
-    m = minibldm.load(tiny_weights)
-    control = train.new_network("control", UNET, 0).copy_from_unet(m.unet)
-    opt = torch.optim.AdamW(control.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
-    ds = PairDataset(read_category(pill), json.loads((out / "split.json").read_text()), size=SIZE)
-    a = alphas_cumprod()
-    h = SIZE // 8
-    with torch.no_grad():
-        empty = m.text_encoder(m.tokenizer([""]))
-    losses, heavy = [], 0
-    for step in range(2):
-        idx = [2 * step, 2 * step + 1]
-        batch = train.collate([ds[i] for i in idx])
-        t, noise, post = train.sample_draws(0, idx, (4, h, h))
+    h, heavy = SIZE // 8, []
+
+    def cell_weights(batch):
         w = torch.ones(2, 1, h, h)
         for b in range(2):
             for i in range(h):
                 for j in range(h):
                     if batch["mask"][b, 0, 8 * i:8 * i + 8, 8 * j:8 * j + 8].any():
                         w[b, 0, i, j] = 5
-        heavy += int((w == 5).sum())
-        with torch.no_grad():
-            mean, logvar = m.autoencoder.moments(batch["image"])
-            z0 = AE.scale_factor * (mean + torch.exp(0.5 * logvar) * post)
-            context = torch.cat([m.text_encoder(m.tokenizer([p])) for p in batch["prompt"]])
-        z_t = (a[t].sqrt().float()[:, None, None, None] * z0
-               + (1 - a[t]).sqrt().float()[:, None, None, None] * noise)
-        eps = m.unet(z_t, t, context, control=control(z_t, batch["hint"], t, empty.expand(2, -1, -1)))
-        loss = (w * (eps - noise) ** 2).sum() / (w.sum() * 4)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert 0 < heavy < 4 * h * h  # the weights did single out some cells
-    logged = [float(r.split(",")[1]) for r in (out / "loss.csv").read_text().split()[1:]]
+        heavy.append(int((w == 5).sum()))
+        return w
+    _, losses = redo_control_steps(out, pill, tiny_weights, 2, cell_weights)
+    assert all(0 < n < 2 * h * h for n in heavy), heavy  # the weights single out some cells
+    logged = logged_losses(out)
     assert logged == pytest.approx(losses, rel=1e-5, abs=0)
     plain = tmp_path / "plain"  # and the weighting changed the loss
     rc, err = run(*control_args(pill, tiny_weights, plain, 1))
     assert rc == 0, err
-    first = float((plain / "loss.csv").read_text().split()[1].split(",")[1])
-    assert abs(first - logged[0]) > 1e-4 * first
+    assert abs(logged_losses(plain)[0] - logged[0]) > 1e-4 * logged[0]
 
 
 def test_defect_weight_in_the_domain_stage_and_bad_values(pill, tiny_weights, tmp_path):
@@ -492,7 +486,8 @@ def test_defect_weight_in_the_domain_stage_and_bad_values(pill, tiny_weights, tm
     cfg = json.loads((tmp_path / "u" / "config.json").read_text())
     assert cfg["train"]["defect_weight"] == 10
     for value in ("0", "-2", "nan"):
-        rc, err = run("--stage", "unet", *common, "--out", tmp_path / "bad", "--defect-weight", value)
+        rc, err = run("--stage", "unet", *common, "--out", tmp_path / "bad",
+                      "--defect-weight", value)
         assert rc == 2 and "--defect-weight must be positive" in err, err
     rc, err = run("--stage", "autoencoder", "--weights", tiny_weights, "--data", pill, "--out",
                   tmp_path / "bad", "--defect-weight", 2)

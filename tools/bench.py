@@ -2,7 +2,8 @@
 random weights (diffusers' networks converted by minibldm.convert, as users convert theirs).
 
     python tools/bench.py [--device cpu|cuda] [--size sd15|tiny] [--dtype float32 bfloat16]
-                          [--parts peak step adapt adapt-trained pipeline memory] [--compile] [--channels-last]
+                          [--parts peak step adapt adapt-trained pipeline memory]
+                          [--compile] [--channels-last]
                           [--repeats 3] [--adapt-steps N] [--adapt-res PX] [--adapt-blocks N ...]
                           --out BENCH.json
 
@@ -110,6 +111,7 @@ def bench_step(args, device, results):
     from minibldm.control import ControlNet
     from minibldm.convert import control_from_diffusers, unet_from_diffusers
     from minibldm.io import load_into
+    from minibldm.sample import compile_frozen
     from minibldm.sampler import guided_eps
     from minibldm.unet import UNet
 
@@ -164,7 +166,7 @@ def bench_step(args, device, results):
         ref = diffusers_step().float()
         row["relative_difference"] = ((ours(zz, tt).float() - ref).norm() / ref.norm()).item()
         if args.compile:
-            cu, cctrl = torch.compile(nets[2]), torch.compile(nets[3])
+            cu, cctrl = compile_frozen(nets[2], device), compile_frozen(nets[3], device)
             compiled = guided_eps(cu, cctrl, cc, uu, hh, 9.0)
             t0 = time.perf_counter()
             compiled(zz, tt)
@@ -197,8 +199,24 @@ def sd_vae(size: str):
         sample_size=128)
 
 
+def timed_adaptation(decoder, h, x_ok, mask, steps: int, device, autocast: bool = False,
+                     blocks: int | None = None, compile: bool = False):
+    """minibldm.adapt_decoder, timed per iteration (the first also holds the setup and any
+    compile), under bfloat16 autocast if asked: (seconds per iteration, output, losses)."""
+    from minibldm.adapt import adapt_decoder
+    stamps = [time.perf_counter()]
+
+    def cb(step, loss):
+        sync(device)
+        stamps.append(time.perf_counter())
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out, losses = adapt_decoder(decoder, h, x_ok, mask, steps=steps, callback=cb,
+                                    blocks=blocks, compile=compile)
+    return [b - a for a, b in zip(stamps, stamps[1:])], out, losses
+
+
 def bench_adapt(args, device, results):
-    from minibldm.adapt import adapt_decoder, adaptation_loss
+    from minibldm.adapt import adaptation_loss
     from minibldm.autoencoder import Autoencoder
     from minibldm.config import SD15, TINY
     from minibldm.convert import autoencoder_from_diffusers
@@ -224,15 +242,8 @@ def bench_adapt(args, device, results):
         return {"median_s": statistics.median(times[1:]), "runs_s": times[1:]}
 
     def ours(autocast: bool, blocks: int | None = None, compile: bool = False):
-        stamps = [time.perf_counter()]
-
-        def cb(step, loss):
-            sync(device)
-            stamps.append(time.perf_counter())
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            _, losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=n, callback=cb,
-                                      blocks=blocks, compile=compile)
-        times = [b - a for a, b in zip(stamps, stamps[1:])]
+        times, _, losses = timed_adaptation(ae.decoder, h, x_ok, mask, n, device, autocast,
+                                            blocks, compile)
         # the first iteration (dropped from the median) holds the compile when there is one
         return {**per_step(times), "first_iteration_s": times[0]}, losses
 
@@ -362,7 +373,6 @@ def bench_adapt_trained(args, device, results):
     against x_OK, and seconds per iteration."""
     import numpy as np
     import minibldm
-    from minibldm.adapt import adapt_decoder
     from minibldm.data import to_tensor
     from minibldm.sample import psnr
     from minibldm.synth import image_rng, make_defect, make_good
@@ -375,20 +385,14 @@ def bench_adapt_trained(args, device, results):
     x_ok = to_tensor(good, res)[None].to(device)
     x_ng = to_tensor(bad, res)[None].to(device)
     mk = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
-    mk = (torch.nn.functional.interpolate(mk, size=(res, res), mode="area") > 0.5).float().to(device)
+    mk = torch.nn.functional.interpolate(mk, size=(res, res), mode="area")
+    mk = (mk > 0.5).float().to(device)
     with torch.no_grad():
         h = ae.decoder_input(ae.encode(x_ng))
 
     def variant(autocast=False, blocks=None, compile=False):
-        stamps = [time.perf_counter()]
-
-        def cb(step, loss):
-            sync(device)
-            stamps.append(time.perf_counter())
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out, losses = adapt_decoder(ae.decoder, h, x_ok, mk, steps=steps, callback=cb,
-                                        blocks=blocks, compile=compile)
-        times = [b - a for a, b in zip(stamps, stamps[1:])]
+        times, out, losses = timed_adaptation(ae.decoder, h, x_ok, mk, steps, device, autocast,
+                                              blocks, compile)
         return {"median_s": statistics.median(times[1:]), "first_iteration_s": times[0],
                 "first_loss": losses[0], "final_loss": losses[-1],
                 "psnr_bg": psnr(out.float().clamp(-1, 1), x_ok, 1 - mk),
