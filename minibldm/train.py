@@ -47,6 +47,8 @@ Where the networks come from:
       train --stage text  --weights runs/ae --scale-factor auto --data A B ... --out runs/text
       train --stage control --weights runs/text --data A B ... --out runs/control
 
+The losses are in minibldm/losses.py.
+
 The run folder (--out), its checkpoint and resuming: see minibldm/runfolder.py.
 
 Several GPUs or nodes: `torchrun --nproc_per_node N -m minibldm.train ...` (DDP; NCCL on GPUs,
@@ -70,14 +72,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import runfolder
-from .autoencoder import Autoencoder, ResnetBlock, kl_loss
+from .autoencoder import Autoencoder, ResnetBlock
 from .config import PRESETS, ModelConfig
 from .data import DataError, GoodDataset, PairDataset, default_prompt, load_or_make_split, read_category
-from .ddim import alphas_cumprod, q_sample
+from .ddim import alphas_cumprod
 from .io import WeightsError
+from .losses import AutoencoderLoss, defect_weights, denoising_loss, encode_latent
 from .runfolder import (CHECKPOINT, TrainError, control_metadata, draw_loss_curve, load_checkpoint,
                         read_checkpoint_state, read_loss_log, save_checkpoint, write_run_folder,
                         write_trained)
@@ -442,7 +444,7 @@ def all_prompts(cats: list) -> list[str]:
     return out
 
 
-# ---- losses ---------------------------------------------------------------------------------
+# ---- the random draws of a sample, the latent scale, prompts (the losses: minibldm/losses.py) -
 
 def sample_draws(seed: int, indices: list[int], latent_shape: tuple[int, ...]):
     """Per sample i: t ~ U{0..999}, the noise ε and the posterior noise, from (seed, i) alone."""
@@ -453,16 +455,6 @@ def sample_draws(seed: int, indices: list[int], latent_shape: tuple[int, ...]):
         eps.append(torch.randn(latent_shape, generator=g))
         post.append(torch.randn(latent_shape, generator=g))
     return torch.stack(ts), torch.stack(eps), torch.stack(post)
-
-
-def encode_latent(autoencoder: Autoencoder, image: torch.Tensor,
-                  posterior_noise: torch.Tensor) -> torch.Tensor:
-    """z_0 = scale · (mean + std · noise), a posterior sample (Autoencoder.encode with a
-    generator, with the noise given); VQ: the deterministic pre-quantisation latent."""
-    if autoencoder.cfg.is_vq:
-        return autoencoder.encode(image)
-    mean, logvar = autoencoder.moments(image)
-    return autoencoder.cfg.scale_factor * (mean + torch.exp(0.5 * logvar) * posterior_noise)
 
 
 @torch.no_grad()
@@ -478,56 +470,6 @@ def latent_scale(autoencoder: Autoencoder, dataset, args, n: int = 64) -> float:
         _, _, post = sample_draws(args.seed, idx, shape)
         zs.append(encode_latent(autoencoder, image, post) / autoencoder.cfg.scale_factor)
     return 1.0 / torch.cat(zs).float().std().item()
-
-
-def defect_weights(mask: torch.Tensor, latent_hw: tuple[int, int], weight: float) -> torch.Tensor:
-    """Per latent cell: `weight` where the defect mask (B, 1, H, W) touches the cell's f x f
-    patch (a max-pool, so a 1-pixel scratch still marks its cells), 1 elsewhere; (B, 1, h, w)."""
-    touched = F.adaptive_max_pool2d(mask.float(), latent_hw)
-    return 1 + (weight - 1) * touched
-
-
-def denoising_loss(unet, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                   context: torch.Tensor, schedule: torch.Tensor, control=None,
-                   hint: torch.Tensor | None = None,
-                   control_context: torch.Tensor | None = None,
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
-    """‖ε − ε_θ(z_t, t, context, control residuals)‖², the mean over all elements (ldm's l2);
-    with `weights` (B, 1, h, w), the weighted mean Σ w·(ε − ε_θ)² / Σ w over the channels too.
-    t (B,) on the CPU (the schedule's device); with `control` the residuals of
-    control(z_t, hint, t, control_context) are added to the UNet's skips."""
-    z_t = q_sample(z0, t, noise, schedule)
-    t = t.to(z0.device)
-    residuals = control(z_t, hint, t, control_context) if control is not None else None
-    eps = unet(z_t, t, context, control=residuals)
-    if weights is None:
-        return F.mse_loss(eps.float(), noise.float())
-    w = weights.float().expand_as(eps)
-    return (w * (eps.float() - noise.float()).square()).sum() / w.sum()
-
-
-class AutoencoderLoss(nn.Module):
-    """Reconstruction plus the bottleneck's term, as one forward (so DDP can wrap it)."""
-
-    def __init__(self, autoencoder: Autoencoder, rec_loss: str, kl_weight: float,
-                 codebook_weight: float):
-        super().__init__()
-        self.autoencoder = autoencoder
-        self.rec_loss, self.kl_weight, self.codebook_weight = rec_loss, kl_weight, codebook_weight
-
-    def forward(self, image: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
-        ae = self.autoencoder
-        if ae.cfg.is_vq:
-            z, reg, _ = ae.quantize(ae.quant_conv(ae.encoder(image)))
-            reg = self.codebook_weight * reg
-        else:
-            mean, logvar = ae.moments(image)
-            z = mean + torch.exp(0.5 * logvar) * posterior_noise
-            # ldm: sum over pixels / B for both terms; here both are divided by C·H·W as well
-            reg = self.kl_weight * kl_loss(mean.float(), logvar.float()).mean() / image[0].numel()
-        rec = ae.decoder(ae.post_quant_conv(z)).float()
-        diff = rec - image.float()
-        return (diff.abs() if self.rec_loss == "l1" else diff.square()).mean() + reg
 
 
 class PromptCache:
