@@ -18,7 +18,6 @@ status 2, nothing written. With no arguments: the demo of the bundled tiny model
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -34,7 +33,7 @@ from safetensors import safe_open
 
 from . import demo
 from .adapt import adapt_decoder, adapt_decoders
-from .cli import UsageError
+from .cli import Parser, UsageError
 from .data import DataError, mask_to_tensor, read_image, read_mask, to_tensor
 from .ddim import alphas_cumprod
 from .io import WeightsError, atomic_path
@@ -156,7 +155,7 @@ def plan_images(args, size: int) -> tuple[list[dict], list[str]]:
 # --- the command ----------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m minibldm.sample", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m minibldm.sample", description=__doc__.split("\n\n")[0])
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="minibldm weights folder (default: the bundled tiny model)")
     io.add_argument("--control", help="control.safetensors of a training run, when --weights has none")
@@ -262,7 +261,11 @@ def run_settings(args, stages: Stages, size: int) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except UsageError as e:  # argparse's own complaint (unknown flag, bad choice), in one line
+        print(f"minibldm.sample: error: {e}", file=sys.stderr)
+        return 2
     if not argv and not (DEFAULT_WEIGHTS / "config.json").is_file():
         print(f"minibldm.sample: error: the bundled tiny model is missing ({DEFAULT_WEIGHTS}/"
               "config.json); run with --weights DIR --images DIR --defect-masks DIR --object NAME "

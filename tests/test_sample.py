@@ -264,3 +264,31 @@ def test_paste_background_copies_x_ok_outside_a_feathered_mask(tmp_path, inputs)
         near[max(0, y - 6):y + 7, max(0, x - 6):x + 7] = True
     assert (img[~near] == good[~near]).all()
     assert np.abs(img[mask].astype(int) - good[mask]).mean() > 1  # the defect region is generated
+
+
+def test_latent_mask_cover_keeps_a_thin_exact_mask(tmp_path, inputs):
+    """A 2-pixel line between the pixels the nearest resize reads (every 8th column at 64 px):
+    with nearest the whole latent is kept and nothing can be generated; with cover the line's
+    cells are generated. Both record their choice, and a resume with the other is refused."""
+    root, _ = inputs
+    (tmp_path / "thin").mkdir()
+    m = np.zeros((80, 80), np.uint8)
+    m[20:60, 13:15] = 255  # columns 10..11 at 64 px
+    Image.fromarray(m).save(tmp_path / "thin" / "000_mask.png")
+    outs = {}
+    for how in ("nearest", "cover"):
+        out = tmp_path / how
+        r = run(inputs, out, "--exact-masks", tmp_path / "thin", "--good", root / "good" / "000.png",
+                "--latent-mask", how, n="1")
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "run.json").read_text())["latent_mask"] == how
+        outs[how] = files(out)["test/crack/000.png"]
+    assert outs["nearest"] != outs["cover"]
+    r = run(inputs, tmp_path / "cover", "--exact-masks", tmp_path / "thin", "--good",
+            root / "good" / "000.png", n="1")
+    assert r.returncode == 2 and "other settings (latent_mask)" in r.stderr
+    r = run(inputs, tmp_path / "bad", "--latent-mask", "area")  # one line, exit 2, nothing written
+    assert r.returncode == 2 and not (tmp_path / "bad").exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "minibldm.sample: error: argument --latent-mask: invalid choice: 'area'"), lines
