@@ -199,9 +199,10 @@ def parse_args(argv):
                      help="images sampled and adapted together (one decoder copy each); the same "
                           "images as one at a time, up to float rounding (default 1)")
     run.add_argument("--compile", action="store_true",
-                     help="torch.compile the UNet, the trimap branch and the decoder adaptation "
-                          "(the first image pays the compile time; the adaptation is compiled "
-                          "at --batch-size 1)")
+                     help="torch.compile the UNet, the trimap branch (on a CPU with their "
+                          "weights frozen into the graph) and the decoder adaptation (the first "
+                          "image pays the compile time, minutes on a CPU; the adaptation is "
+                          "compiled at --batch-size 1)")
     run.add_argument("--device", default="cpu", help="cpu or cuda")
     run.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     run.add_argument("--quiet", action="store_true")
