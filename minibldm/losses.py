@@ -62,7 +62,10 @@ class AutoencoderLoss(nn.Module):
         self.autoencoder = autoencoder
         self.rec_loss, self.kl_weight, self.codebook_weight = rec_loss, kl_weight, codebook_weight
 
-    def forward(self, image: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, posterior_noise: torch.Tensor,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+        """weights: None (the plain mean) or per pixel (B, 1, H, W): the reconstruction term is
+        then the weighted mean Σ w·d / Σ w over the channels too (`--defect-weight`)."""
         ae = self.autoencoder
         if ae.cfg.is_vq:
             z, reg, _ = ae.quantize(ae.quant_conv(ae.encoder(image)))
@@ -74,4 +77,8 @@ class AutoencoderLoss(nn.Module):
             reg = self.kl_weight * kl_loss(mean.float(), logvar.float()).mean() / image[0].numel()
         rec = ae.decoder(ae.post_quant_conv(z)).float()
         diff = rec - image.float()
-        return (diff.abs() if self.rec_loss == "l1" else diff.square()).mean() + reg
+        d = diff.abs() if self.rec_loss == "l1" else diff.square()
+        if weights is None:
+            return d.mean() + reg
+        w = weights.float().expand_as(d)
+        return (w * d).sum() / w.sum() + reg

@@ -18,11 +18,14 @@ AdaBLDM (Li et al. 2024, arXiv 2402.19330; docs/ADABLDM.md "Training the trimap 
                scratch. Without an image tower (CLIP's contrastive pretraining) the denoising loss
                is the one signal a text encoder can learn from here, and joint training is how
                the prompt words come to mean something to this UNet.
-  autoencoder  Ω and Φ on the good images: L1 reconstruction (--rec-loss l2 for MSE), plus for the
-               KL bottleneck ldm's KL term (weight 1e-6 against ldm's per-image pixel sums, here
-               divided like the reconstruction by the pixel count), or for VQ the codebook and
-               commitment loss (weight 1). ldm's LPIPS and GAN terms are left out: no
-               pretrained network is at hand.
+  autoencoder  Ω and Φ on the good images and the k training defects (like the unet stage):
+               L1 reconstruction (--rec-loss l2 for MSE), plus for the KL bottleneck ldm's KL
+               term (weight 1e-6 against ldm's per-image pixel sums, here divided like the
+               reconstruction by the pixel count), or for VQ the codebook and commitment loss
+               (weight 1). ldm's LPIPS and GAN terms are left out: no pretrained network is at
+               hand. With --defect-weight W the defect mask's pixels weigh W in the
+               reconstruction mean: an autoencoder trained on the plain mean smooths thin
+               scratches and cracks away, and then no later stage can draw them.
 
 Diffusion stages draw t ~ U{0..999} and take z_0 = scale · (a posterior sample of Ω(x)); every
 random draw of a sample (t, ε, the posterior noise, the pair itself) is a function of (--seed,
@@ -138,12 +141,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="image side the model trains at")
     p.add_argument("--k", type=int, default=10, help="real defect images per type for training")
     p.add_argument("--defect-repeat", type=int, default=1, metavar="R",
-                   help="text and unet stages: each few-shot defect image counts R times per epoch "
-                        "(default 1), so that a few defects among many good images are seen often")
+                   help="text, unet and autoencoder stages: each few-shot defect image counts R "
+                        "times per epoch (default 1), so that a few defects among many good images "
+                        "are seen often")
     p.add_argument("--defect-weight", type=float, default=1.0, metavar="W",
-                   help="diffusion stages: weight of the denoising loss on the latent cells a "
-                        "defect mask touches (default 1: ldm's plain mean); W > 1 makes small and "
-                        "thin defects count, which otherwise are a fraction of a percent of it")
+                   help="weight of the loss on the defect: diffusion stages weight the denoising "
+                        "loss on the latent cells a defect mask touches, the autoencoder stage its "
+                        "reconstruction loss on the mask's pixels (default 1: the plain mean); W > 1 "
+                        "makes small and thin defects count, which otherwise are a fraction of a "
+                        "percent of it")
     p.add_argument("--p-empty-prompt", type=float, default=0.1, help="probability of the empty prompt")
     p.add_argument("--object", help="object name for the prompts (default: meta.json or the folder name)")
     p.add_argument("--texture", action="store_true", help="a surface: the foreground is the whole image")
@@ -514,16 +520,13 @@ def check_args(args) -> None:
             raise TrainError(f"{flag} must be at least {low}, got {value}")
     if not (args.defect_weight > 0 and math.isfinite(args.defect_weight)):
         raise TrainError(f"--defect-weight must be positive, got {args.defect_weight}")
-    if args.defect_weight != 1 and args.stage == "autoencoder":
-        raise TrainError("--defect-weight: only the diffusion stages (text, unet, control) weight "
-                         "their loss by the defect masks")
     if not 0 <= args.p_empty_prompt <= 1:
         raise TrainError(f"--p-empty-prompt must be in [0, 1], got {args.p_empty_prompt}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise TrainError(f"--lr must be positive, got {args.lr}")
-    if args.defect_repeat != 1 and args.stage not in ("text", "unet"):
-        raise TrainError(f"--defect-repeat: only the text and unet stages train on a mix of good and "
-                         f"defect images (got --stage {args.stage})")
+    if args.defect_repeat != 1 and args.stage not in ("text", "unet", "autoencoder"):
+        raise TrainError(f"--defect-repeat: only the text, unet and autoencoder stages train on a "
+                         f"mix of good and defect images (got --stage {args.stage})")
     if args.scale_factor is not None:
         if args.stage not in ("text", "unet"):
             raise TrainError(f"--scale-factor: only the text and unet stages choose the latent scale "
@@ -624,7 +627,9 @@ def train(args) -> int:
         image = batch["image"].to(device)
         noise, post = noise.to(device), post.to(device)
         if args.stage == "autoencoder":
-            return ae_loss(image, post)
+            if args.defect_weight == 1:
+                return ae_loss(image, post)
+            return ae_loss(image, post, 1 + (args.defect_weight - 1) * batch["mask"].to(device))
         with torch.no_grad():
             z0 = encode_latent(nets["autoencoder"], image, post)
         if args.stage == "text":

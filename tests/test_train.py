@@ -406,7 +406,7 @@ def test_scale_factor_auto_gives_unit_variance_latents(pill, tiny_weights, tmp_p
 
 def test_defect_repeat_only_for_domain_stages(pill, tiny_weights, tmp_path):
     rc, err = run(*control_args(pill, tiny_weights, tmp_path / "run", 2, "--defect-repeat", "3"))
-    assert rc == 2 and "--defect-repeat: only the text and unet stages" in err, err
+    assert rc == 2 and "--defect-repeat: only the text, unet and autoencoder stages" in err, err
     rc, err = run("--stage", "unet", "--weights", tiny_weights, "--data", pill, "--out",
                   tmp_path / "u", "--steps", "1", "--defect-repeat", "0")
     assert rc == 2 and "--defect-repeat must be at least 1" in err, err
@@ -489,10 +489,34 @@ def test_defect_weight_in_the_domain_stage_and_bad_values(pill, tiny_weights, tm
         rc, err = run("--stage", "unet", *common, "--out", tmp_path / "bad",
                       "--defect-weight", value)
         assert rc == 2 and "--defect-weight must be positive" in err, err
-    rc, err = run("--stage", "autoencoder", "--weights", tiny_weights, "--data", pill, "--out",
-                  tmp_path / "bad", "--defect-weight", 2)
-    assert rc == 2 and "only the diffusion stages" in err, err
     assert not (tmp_path / "bad").exists()
+
+
+def test_defect_weighted_autoencoder_step_equals_a_plain_loop(pill, tiny_weights, tmp_path):
+    """One autoencoder step with --defect-weight 5, redone by hand: L1 over the pixels with the
+    defect's pixels weighing 5, divided by the sum of the weights, plus ldm's KL term."""
+    argv = ["--stage", "autoencoder", "--weights", tiny_weights, "--data", pill, "--out",
+            tmp_path / "ae", "--size", SIZE, "--batch-size", 4, "--k", 2, "--defect-repeat", 3,
+            "--steps", 1, "--log-every", 1, "--defect-weight", 5]
+    rc, err = run(*argv)
+    assert rc == 0, err
+    args = train.parse_args([str(a) for a in argv])
+    cats, splits = train.read_data(args, tmp_path / "ae", 0, 1, lambda m: None)
+    ds = train.make_dataset(args, cats, splits)
+    batch = train.collate([ds[i] for i in range(4)])
+    assert 0 < batch["mask"].sum() < batch["mask"].numel()  # a defect among them
+    _, _, post = train.sample_draws(0, list(range(4)), (4, SIZE // 8, SIZE // 8))
+    ae = minibldm.load(tiny_weights).autoencoder
+    with torch.no_grad():
+        mean, logvar = ae.moments(batch["image"])
+        rec = ae.decoder(ae.post_quant_conv(mean + torch.exp(0.5 * logvar) * post))
+        w = 1 + 4 * batch["mask"]
+        l1 = (w * (rec - batch["image"]).abs()).sum() / (3 * w.sum())
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+        loss = l1 + 1e-6 * kl / (3 * SIZE * SIZE)
+    assert logged_losses(tmp_path / "ae") == pytest.approx([loss.item()], rel=1e-5, abs=0)
+    unweighted = ((rec - batch["image"]).abs().mean() + 1e-6 * kl / (3 * SIZE * SIZE)).item()
+    assert abs(unweighted - loss.item()) > 1e-3 * loss.item()  # the weights do change it
 
 
 def test_a_checkpoint_from_before_defect_weight_resumes(pill, tiny_weights, tmp_path):
