@@ -193,7 +193,9 @@ def parse_args(argv):
                      help="faster, not the paper's method: adapt only the decoder's output head and "
                           "last N upsampling levels (default: the whole decoder)")
     run.add_argument("--bg-weight", type=float, default=100.0, help="weight of the background term (reference: 100)")
-    run.add_argument("--fg-weight", type=float, default=1.0, help="weight of the defect-region term (paper: lambda_con)")
+    run.add_argument("--fg-weight", type=float, default=1.0,
+                     help="weight of the defect-region term (reference code: 1; the paper's "
+                          "lambda_con). 100 stops the adaptation from erasing small or thin defects")
     run.add_argument("--paste-background", action="store_true", help="copy x_OK exactly outside a feathered mask")
     run.add_argument("--batch-size", type=int, default=1, metavar="B",
                      help="images sampled and adapted together (one decoder copy each); the same "
