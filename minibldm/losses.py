@@ -29,7 +29,8 @@ def encode_latent(autoencoder: Autoencoder, image: torch.Tensor,
 
 def defect_weights(mask: torch.Tensor, latent_hw: tuple[int, int], weight: float) -> torch.Tensor:
     """Per latent cell: `weight` where the defect mask (B, 1, H, W) touches the cell's f x f
-    patch (a max-pool, so a 1-pixel scratch still marks its cells), 1 elsewhere; (B, 1, h, w)."""
+    patch (a max-pool, so a 1-pixel scratch still marks its cells), 1 elsewhere; (B, 1, h, w).
+    With (h, w) = (H, W) it is per pixel (the autoencoder stage's reconstruction weights)."""
     touched = F.adaptive_max_pool2d(mask.float(), latent_hw)
     return 1 + (weight - 1) * touched
 

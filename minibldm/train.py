@@ -626,19 +626,18 @@ def train(args) -> int:
         t, noise, post = sample_draws(args.seed, indices, latent_shape)
         image = batch["image"].to(device)
         noise, post = noise.to(device), post.to(device)
+        weights = None  # per pixel for the autoencoder, per latent cell for the diffusion stages
+        if args.defect_weight != 1:
+            grid = image.shape[-2:] if args.stage == "autoencoder" else latent_shape[-2:]
+            weights = defect_weights(batch["mask"].to(device), grid, args.defect_weight)
         if args.stage == "autoencoder":
-            if args.defect_weight == 1:
-                return ae_loss(image, post)
-            return ae_loss(image, post, 1 + (args.defect_weight - 1) * batch["mask"].to(device))
+            return ae_loss(image, post, weights)
         with torch.no_grad():
             z0 = encode_latent(nets["autoencoder"], image, post)
         if args.stage == "text":
             context = calls["text_encoder"](tokenizer(batch["prompt"]).to(device))
         else:
             context = prompts(batch["prompt"])
-        weights = None
-        if args.defect_weight != 1:
-            weights = defect_weights(batch["mask"].to(device), z0.shape[-2:], args.defect_weight)
         if args.stage == "control":
             return denoising_loss(nets["unet"], z0, t, noise, context, schedule,
                                   control=calls["control"], hint=batch["hint"].to(device),
