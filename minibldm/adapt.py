@@ -17,6 +17,16 @@ until the region ends, so a loop wrapped in one region would keep computing with
 step 0 while AdamW updates the float32 ones: the loss barely moves. Every variant below therefore
 clears the autocast cache after each optimizer step.
 
+PRECISION. The trained copy is always float32 (its "master" weights). A bfloat16 or float16
+decoder (sample --dtype) is adapted as a float32 copy under autocast to its dtype (but see
+adapt_decoders, which vmap keeps in float32): trained in
+bfloat16 directly, AdamW's steps of lr 1e-4 are mostly below bfloat16's resolution of the weights,
+and on the tiny model's pill image the final loss ended 50% above float32's (+4% with float32
+master weights). float16 adds a gradient scaler, since the loss's per-pixel gradients are
+smaller than float16 resolves. Under any autocast, the output head (norm_out, conv_out: a small
+share of the work) runs in float32, so the loss sees an unrounded image (+2%, down from +4%).
+See docs/BENCHMARKS.md.
+
 MEMORY. The gradients are dropped (set to None) right after each optimizer step rather than just
 before the next backward pass, as `zero_grad` is often placed: otherwise the previous step's
 gradients (one decoder's worth) stay alive through the next forward pass, on top of its
@@ -24,6 +34,7 @@ activations, which is where the adaptation's memory peaks. The results are the s
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from typing import Callable
@@ -40,6 +51,28 @@ def adaptation_loss(out: Tensor, x_fg: Tensor, x_ok: Tensor, mask: Tensor,
     fg = ((out - x_fg) * mask).pow(2).mean()
     bg = ((out - x_ok) * (1 - mask)).pow(2).mean()
     return fg_weight * fg + bg_weight * bg
+
+
+def run_stages(stages: list, h: Tensor) -> Tensor:
+    """Decoder.stages (or a tail of them, always ending with the output head) in order. Under
+    autocast the head runs in float32 (see PRECISION above)."""
+    for fn, _ in stages[:-1]:
+        h = fn(h)
+    head = stages[-1][0]
+    if torch.is_autocast_enabled(h.device.type):
+        with torch.autocast(h.device.type, enabled=False):
+            return head(h.float())
+    return head(h)
+
+
+def _precision(decoder: nn.Module, device: torch.device):
+    """(autocast context, gradient scaler) for adapting a float32 copy of `decoder`: autocast to
+    the decoder's own dtype when that is bfloat16 or float16, nothing (the caller's autocast, if
+    any, stays in force) when it is float32. The scaler is active for float16 only."""
+    low = next(decoder.parameters()).dtype
+    low = low if low in (torch.bfloat16, torch.float16) else None
+    ctx = torch.autocast(device.type, dtype=low) if low is not None else contextlib.nullcontext()
+    return ctx, torch.amp.GradScaler(device.type, enabled=low == torch.float16)
 
 
 def _setup(decoder: nn.Module, h: Tensor, blocks: int | None):
@@ -83,34 +116,32 @@ def adapt_decoder(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, ste
         return _adapt_compiled(decoder, h, x_ok, mask, steps, lr, fg_weight, bg_weight, callback,
                                blocks)
     x_fg, frozen, start, _ = _setup(decoder, h, blocks)
-    tuned = copy.deepcopy(decoder).train()
-    stages = tuned.stages()
+    tuned = copy.deepcopy(decoder).float().train()  # float32 master weights: see PRECISION above
+    stages = tuned.stages()[frozen:]
     tuned.requires_grad_(False)
-    for _, modules in stages[frozen:]:
+    for _, modules in stages:
         for m in modules:
             m.requires_grad_(True)
 
-    def forward() -> Tensor:
-        out = start
-        for fn, _ in stages[frozen:]:
-            out = fn(out)
-        return out
-
     opt = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=lr)
+    precision, scaler = _precision(decoder, h.device)
     losses = []
-    for step in range(steps):
-        loss = adaptation_loss(forward(), x_fg, x_ok, mask, fg_weight, bg_weight)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)  # now, not before the next backward: see MEMORY above
-        torch.clear_autocast_cache()  # see AUTOCAST above
-        losses.append(loss.item())
-        if callback is not None:
-            callback(step, losses[-1])
-    with torch.no_grad():
-        out = forward()
-        losses.append(adaptation_loss(out, x_fg, x_ok, mask, fg_weight, bg_weight).item())
-    return out, losses
+    with precision:
+        for step in range(steps):
+            loss = adaptation_loss(run_stages(stages, start), x_fg, x_ok, mask, fg_weight,
+                                   bg_weight)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)  # now, not before the next backward: see MEMORY above
+            torch.clear_autocast_cache()  # see AUTOCAST above
+            losses.append(loss.item())
+            if callback is not None:
+                callback(step, losses[-1])
+        with torch.no_grad():
+            out = run_stages(stages, start)
+            losses.append(adaptation_loss(out, x_fg, x_ok, mask, fg_weight, bg_weight).item())
+    return out.to(x_fg.dtype), losses
 
 
 class _Tail(nn.Module):
@@ -121,9 +152,7 @@ class _Tail(nn.Module):
         self.decoder, self.first = decoder, first
 
     def forward(self, h: Tensor) -> Tensor:
-        for fn, _ in self.decoder.stages()[self.first:]:
-            h = fn(h)
-        return h
+        return run_stages(self.decoder.stages()[self.first:], h)
 
 
 def adapt_decoders(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, steps: int = 200,
@@ -137,10 +166,13 @@ def adapt_decoders(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, st
     AdamW's update is elementwise, so each copy follows exactly the path it would alone (equal
     to adapt_decoder image by image up to floating-point summation order). Returns (the B
     outputs, per image the loss per step); callback(step, mean loss over the batch).
+
+    It computes in float32 whatever the decoder's dtype or the caller's autocast: torch applies
+    no autocast inside vmap (a convolution under autocast stays float32 there, torch 2.13).
     """
     b = h.shape[0]
     x_fg, frozen, start, trained = _setup(decoder, h, blocks)
-    tail = _Tail(copy.deepcopy(decoder).train(), frozen)
+    tail = _Tail(copy.deepcopy(decoder).float().train(), frozen)  # see PRECISION above
     params, buffers = stack_module_state([tail] * b)  # copies: B independent leaf tensors each
     params = {f"decoder.{n}": params[f"decoder.{n}"].requires_grad_()
               for n, p in decoder.named_parameters() if id(p) in trained}
@@ -151,24 +183,28 @@ def adapt_decoders(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, st
         return out, adaptation_loss(out, fg, ok, m, fg_weight, bg_weight)
 
     batched = vmap(one, in_dims=(0, 0, 0, 0, 0))
-    split = [t.unsqueeze(1) for t in (start, x_fg, x_ok, mask)]
+    # torch applies no autocast inside vmap (measured, torch 2.13): the batch computes in float32
+    split = [t.float().unsqueeze(1) for t in (start, x_fg, x_ok, mask)]
     opt = torch.optim.AdamW(list(params.values()), lr=lr)
+    precision, scaler = _precision(decoder, h.device)
     losses: list[list[float]] = [[] for _ in range(b)]
-    for step in range(steps):
-        _, loss = batched(params, *split)
-        loss.sum().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)  # see MEMORY above
-        torch.clear_autocast_cache()  # see AUTOCAST above
-        for i, v in enumerate(loss.tolist()):
-            losses[i].append(v)
-        if callback is not None:
-            callback(step, sum(loss.tolist()) / b)
-    with torch.no_grad():
-        out, loss = batched(params, *split)
+    with precision:
+        for step in range(steps):
+            _, loss = batched(params, *split)
+            scaler.scale(loss.sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)  # see MEMORY above
+            torch.clear_autocast_cache()  # see AUTOCAST above
+            for i, v in enumerate(loss.tolist()):
+                losses[i].append(v)
+            if callback is not None:
+                callback(step, sum(loss.tolist()) / b)
+        with torch.no_grad():
+            out, loss = batched(params, *split)
     for i, v in enumerate(loss.tolist()):
         losses[i].append(v)
-    return out.squeeze(1), losses
+    return out.squeeze(1).to(x_fg.dtype), losses
 
 
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -179,7 +215,7 @@ def _compiled_step(decoder: nn.Module, frozen: int) -> Callable:
     stages from `frozen` on; one per (decoder, frozen), so later images reuse the graph."""
     per_decoder = _COMPILED.setdefault(decoder, {})
     if frozen not in per_decoder:
-        tail = _Tail(copy.deepcopy(decoder), frozen)  # a template: parameters come as arguments
+        tail = _Tail(copy.deepcopy(decoder).float(), frozen)  # a template: parameters come as arguments
 
         def step(params, start, x_fg, x_ok, mask, fg_weight, bg_weight):
             out = functional_call(tail, params, (start,))
@@ -192,20 +228,23 @@ def _adapt_compiled(decoder, h, x_ok, mask, steps, lr, fg_weight, bg_weight, cal
     """adapt_decoder through the compiled step; the same optimisation, fused kernels."""
     x_fg, frozen, start, trained = _setup(decoder, h, blocks)
     step = _compiled_step(decoder, frozen)
-    params = {f"decoder.{n}": p.detach().clone().requires_grad_(id(p) in trained)
-              for n, p in decoder.named_parameters()}
+    params = {f"decoder.{n}": p.detach().float().clone().requires_grad_(id(p) in trained)
+              for n, p in decoder.named_parameters()}  # float32 master weights: see PRECISION
     opt = torch.optim.AdamW([p for p in params.values() if p.requires_grad], lr=lr)
+    precision, scaler = _precision(decoder, h.device)
     losses = []
-    for i in range(steps):
-        _, loss = step(params, start, x_fg, x_ok, mask, fg_weight, bg_weight)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)  # now, not before the next backward: see MEMORY above
-        torch.clear_autocast_cache()  # see AUTOCAST above
-        losses.append(loss.item())
-        if callback is not None:
-            callback(i, losses[-1])
-    with torch.no_grad():
-        out, loss = step(params, start, x_fg, x_ok, mask, fg_weight, bg_weight)
+    with precision:
+        for i in range(steps):
+            _, loss = step(params, start, x_fg, x_ok, mask, fg_weight, bg_weight)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)  # now, not before the next backward: see MEMORY above
+            torch.clear_autocast_cache()  # see AUTOCAST above
+            losses.append(loss.item())
+            if callback is not None:
+                callback(i, losses[-1])
+        with torch.no_grad():
+            out, loss = step(params, start, x_fg, x_ok, mask, fg_weight, bg_weight)
     losses.append(loss.item())
-    return out.detach(), losses
+    return out.detach().to(x_fg.dtype), losses

@@ -418,11 +418,22 @@ def compile_frozen(module: torch.nn.Module, device: torch.device) -> torch.nn.Mo
     """torch.compile for sampling (inductor: C++ kernels on CPU, Triton on CUDA; built on the
     first call). On a CPU with inductor's `freezing`: the weights, which sampling never changes,
     become constants of the graph, so the convolutions run on weights packed once for oneDNN
-    (SD 1.5-size guided step: 1.49x eager; without freezing compile was 1.50x *slower*, see
-    docs/BENCHMARKS.md). Call the result under torch.no_grad()."""
-    if device.type == "cpu":
-        return torch.compile(module, options={"freezing": True})
-    return torch.compile(module)
+    (see docs/BENCHMARKS.md). Call the result under torch.no_grad().
+
+    inductor reads `freezing` when it compiles, which is at the first call (and at any
+    recompile for a new shape), not at torch.compile(): so each call runs with it switched on.
+    torch.compile's own `options={"freezing": True}` was measured to leave the weights unfrozen."""
+    compiled = torch.compile(module)
+    if device.type != "cpu":
+        return compiled
+    import torch._inductor.config as inductor_config
+    forward = compiled.forward
+
+    def frozen_forward(*args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return forward(*args, **kwargs)
+    compiled.forward = frozen_forward
+    return compiled
 
 
 def per_image_noise(generators: list[torch.Generator]):

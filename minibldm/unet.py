@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .attention import attention
+from .conv import Conv2d
 from .config import UNetConfig
 
 
@@ -44,11 +45,11 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+                                       Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(GroupNorm32(groups, out_channels), nn.SiLU(),
                                         nn.Identity(),  # ldm's Dropout(0); keeps index 3 below
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+                                        Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
 
@@ -144,7 +145,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -173,7 +174,7 @@ def make_input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
     """The encoder half: conv_in, then per level num_res_blocks x (ResBlock [+ transformer]) and a
     Downsample between levels. Returns the blocks and the channel count after each of them."""
     emb, g = cfg.model_channels * 4, cfg.norm_num_groups
-    blocks = [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1))]
+    blocks = [TimestepEmbedSequential(Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1))]
     chans = [cfg.model_channels]
     ch = cfg.model_channels
     for level, mult in enumerate(cfg.channel_mult):
@@ -223,7 +224,7 @@ class UNet(nn.Module):
                 blocks.append(TimestepEmbedSequential(*layers))
         self.output_blocks = nn.ModuleList(blocks)
         self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(),
-                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+                                 Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     @property
     def num_control_residuals(self) -> int:

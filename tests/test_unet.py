@@ -81,6 +81,23 @@ def test_unet_and_control_match_diffusers():
     assert max_abs(got_c, want) <= 1e-5
 
 
+@torch.no_grad()
+def test_matmul_route_of_the_3x3_convs_matches_diffusers(monkeypatch):
+    """minibldm.conv's route is taken at SD size only; forced onto every 3x3 stride-1 conv of
+    the small networks here, the UNet and the branch still match diffusers."""
+    import minibldm.conv
+    monkeypatch.setattr(minibldm.conv, "BIG_WEIGHT", 0)
+    monkeypatch.setattr(minibldm.conv, "SMALL_GRID", 16 * 16)
+    ref_unet, ref_ctrl, unet, ctrl = converted_pair()
+    routed = [m for m in unet.modules() if getattr(m, "as_matmul", False)]
+    assert len(routed) >= 20
+    x, t, ctx, hint = inputs(TINY)
+    down, mid = ref_ctrl(x, t, ctx, controlnet_cond=hint, return_dict=False)
+    want = ref_unet(x, t, ctx, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid).sample
+    assert max_abs(unet(x, t, ctx, control=ctrl(x, hint, t, ctx)), want) <= 1e-5
+
+
 def test_scalar_timestep_broadcasts():
     unet = UNet(TINY).eval()
     x, t, ctx, _ = inputs(TINY)

@@ -27,10 +27,12 @@ Parts (medians of --repeats timed runs after one warm-up):
   adapt-trained
             the 200-step adaptation with the trained tiny decoder (weights/tiny) on a synthetic
             pill and the same pill with a stain, where the loss stays far from 0: final loss of
-            float32, bfloat16 autocast, compiled (--compile) and --adapt-blocks variants, and
+            float32, bfloat16 autocast, a bfloat16 decoder (as sample --dtype bfloat16 runs it),
+            compiled (--compile) and --adapt-blocks variants, and
             the background PSNR each reaches
   memory    peak memory of the whole method at SD 1.5 size (random weights, 256 px, float32 and/or
-            bfloat16 weights), with short stage lengths: the peak does not depend on them
+            bfloat16 weights), with short stage lengths: the peak does not depend on them;
+            --compile adds the same run compiled as sample --compile does it
 The JSON holds every timing, the device, torch and diffusers versions and the date.
 """
 import argparse
@@ -177,7 +179,9 @@ def bench_step(args, device, results):
             print(f"step {dname} compiled: {row['minibldm_compiled']['median_s']:.3f} s", file=sys.stderr)
         row["speedup_vs_diffusers"] = row["diffusers"]["median_s"] / row["minibldm"]["median_s"]
         peak = results.get("peak_gflops", {}).get(dname)
-        for name in ("diffusers", "minibldm"):
+        if args.compile:  # the same computation: eager's FLOP count (the counter cannot run compiled)
+            row["minibldm_compiled"]["gflop"] = row["minibldm"]["gflop"]
+        for name in ("diffusers", "minibldm", "minibldm_compiled")[:3 if args.compile else 2]:
             row[name]["gflops_per_s"] = row[name]["gflop"] / row[name]["median_s"]
             if peak:
                 row[name]["fraction_of_matmul_peak"] = row[name]["gflops_per_s"] / peak
@@ -303,7 +307,7 @@ import json, sys, time, torch
 import minibldm
 from minibldm.ddim import alphas_cumprod
 from minibldm.masks import trimap
-from minibldm.sample import defect_image
+from minibldm.sample import compile_frozen, defect_image
 from minibldm.sampler import Stages, gaussian
 dev = torch.device(sys.argv[1]); m = minibldm.load(sys.argv[2], device=dev)
 S = json.load(open(sys.argv[2] + "/config.json"))["image_size"]
@@ -338,7 +342,7 @@ from minibldm.sample import defect_image
 from minibldm.sampler import Stages, gaussian
 from minibldm.unet import UNet
 from minibldm.weights import Models
-dev, dt = torch.device(sys.argv[1]), getattr(torch, sys.argv[2])
+dev, dt, compiled = torch.device(sys.argv[1]), getattr(torch, sys.argv[2]), sys.argv[3] == "compile"
 def hwm():
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated()
@@ -357,9 +361,11 @@ with torch.no_grad():
     ids = torch.randint(0, SD15.text.vocab_size, (2, 77), device=dev)
     cond, uncond = m.text_encoder(ids).chunk(2)
 m.text_encoder = nets[2] = None  # as minibldm.sample does once the prompts are encoded
+if compiled:  # as sample --compile does
+    m.unet, m.control = compile_frozen(m.unet, dev), compile_frozen(m.control, dev)
 t0 = time.perf_counter()
 defect_image(m, x, mask[None, None].to(dev, dt), hint, cond, uncond, Stages(4, 1, 3, 3),
-             gaussian(torch.Generator(dev).manual_seed(0)), adapt_steps=2)
+             gaussian(torch.Generator(dev).manual_seed(0)), adapt_steps=2, compile=compiled)
 print(json.dumps({"seconds": time.perf_counter() - t0, "peak_bytes": hwm(), "weights_bytes": weights}))
 """
 
@@ -390,9 +396,11 @@ def bench_adapt_trained(args, device, results):
     with torch.no_grad():
         h = ae.decoder_input(ae.encode(x_ng))
 
-    def variant(autocast=False, blocks=None, compile=False):
-        times, out, losses = timed_adaptation(ae.decoder, h, x_ok, mk, steps, device, autocast,
-                                              blocks, compile)
+    def variant(autocast=False, blocks=None, compile=False, weights=torch.float32):
+        # weights=bfloat16: a bfloat16 decoder and inputs, as `sample --dtype bfloat16` passes them
+        dec = copy.deepcopy(ae.decoder).to(weights) if weights != torch.float32 else ae.decoder
+        times, out, losses = timed_adaptation(dec, h.to(weights), x_ok.to(weights), mk.to(weights),
+                                              steps, device, autocast, blocks, compile)
         return {"median_s": statistics.median(times[1:]), "first_iteration_s": times[0],
                 "first_loss": losses[0], "final_loss": losses[-1],
                 "psnr_bg": psnr(out.float().clamp(-1, 1), x_ok, 1 - mk),
@@ -401,6 +409,7 @@ def bench_adapt_trained(args, device, results):
     rows = {"float32": variant()}
     if "bfloat16" in args.dtype:
         rows["bf16_autocast"] = variant(autocast=True)
+        rows["bf16_weights"] = variant(weights=torch.bfloat16)
     if args.compile:
         rows["compiled_float32"] = variant(compile=True)
     for b in args.adapt_blocks or ():
@@ -421,11 +430,14 @@ def bench_memory(args, device, results):
     and 2 adaptation steps stand in for 50 and 200."""
     rows = {}
     for dtype in args.dtype:
-        r = subprocess.run([sys.executable, "-c", MEMORY, device.type, dtype],
-                           capture_output=True, text=True, check=True)
-        rows[dtype] = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"memory sd15 {dtype}: peak {rows[dtype]['peak_bytes'] / 2 ** 30:.2f} GiB "
-              f"(weights alone {rows[dtype]['weights_bytes'] / 2 ** 30:.2f} GiB)", file=sys.stderr, flush=True)
+        for mode in ("eager", "compile") if args.compile else ("eager",):
+            r = subprocess.run([sys.executable, "-c", MEMORY, device.type, dtype, mode],
+                               capture_output=True, text=True, check=True)
+            name = dtype if mode == "eager" else f"{dtype}_compiled"
+            rows[name] = json.loads(r.stdout.strip().splitlines()[-1])
+            print(f"memory sd15 {name}: peak {rows[name]['peak_bytes'] / 2 ** 30:.2f} GiB "
+                  f"(weights alone {rows[name]['weights_bytes'] / 2 ** 30:.2f} GiB)", file=sys.stderr,
+                  flush=True)
     results["memory_sd15"] = {"rows": rows, "memory": "peak RSS (VmHWM) of the process"
                               if device.type == "cpu" else "torch.cuda.max_memory_allocated"}
 
