@@ -307,7 +307,7 @@ import json, sys, time, torch
 import minibldm
 from minibldm.ddim import alphas_cumprod
 from minibldm.masks import trimap
-from minibldm.sample import compile_frozen, defect_image
+from minibldm.sample import defect_image
 from minibldm.sampler import Stages, gaussian
 dev = torch.device(sys.argv[1]); m = minibldm.load(sys.argv[2], device=dev)
 S = json.load(open(sys.argv[2] + "/config.json"))["image_size"]
@@ -338,7 +338,7 @@ from minibldm.clip import TextEncoder
 from minibldm.config import SD15
 from minibldm.control import ControlNet
 from minibldm.masks import trimap
-from minibldm.sample import defect_image
+from minibldm.sample import compile_frozen, defect_image
 from minibldm.sampler import Stages, gaussian
 from minibldm.unet import UNet
 from minibldm.weights import Models
