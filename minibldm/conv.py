@@ -33,7 +33,8 @@ def conv3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d. At inference on a CPU, a 3x3, stride-1, padding-1 convolution with at least
-    BIG_WEIGHT weights over at most SMALL_GRID positions takes the matrix-product route above."""
+    BIG_WEIGHT weights over at most SMALL_GRID positions takes the matrix-product route above.
+    torch.export always sees the plain convolution (a port gets the network as written)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -44,6 +45,6 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.as_matmul and x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled()
-                and x.shape[-2] * x.shape[-1] <= SMALL_GRID):
+                and x.shape[-2] * x.shape[-1] <= SMALL_GRID and not torch.compiler.is_exporting()):
             return conv3x3_as_matmul(x, self.weight, self.bias)
         return super().forward(x)

@@ -50,3 +50,14 @@ def test_route_matches_nn_conv2d_in_the_module():
     x = torch.randn(2, 512, 4, 4, generator=g)
     with torch.no_grad():
         assert max_abs(m(x), ref(x)) <= 1e-4
+
+
+def test_export_sees_the_plain_convolution(monkeypatch):
+    monkeypatch.setattr(conv, "BIG_WEIGHT", 0)
+    m = Conv2d(8, 8, 3, padding=1).eval()
+    x = torch.randn(1, 8, 4, 4)
+    with torch.no_grad():
+        prog = torch.export.export(m, (x,))
+        ops = {str(n.target) for n in prog.graph.nodes if n.op == "call_function"}
+        assert any("conv" in o for o in ops) and not any("im2col" in o or "unfold" in o for o in ops), ops
+        assert max_abs(prog.module()(x), m(x)) <= 1e-5
