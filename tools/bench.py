@@ -2,7 +2,7 @@
 random weights (diffusers' networks converted by minibldm.convert, as users convert theirs).
 
     python tools/bench.py [--device cpu|cuda] [--size sd15|tiny] [--dtype float32 bfloat16]
-                          [--parts peak step adapt adapt-trained pipeline memory]
+                          [--parts peak step adapt adapt-trained pipeline memory sd-pipeline]
                           [--compile] [--channels-last]
                           [--repeats 3] [--adapt-steps N] [--adapt-res PX] [--adapt-blocks N ...]
                           --out BENCH.json
@@ -33,6 +33,10 @@ Parts (medians of --repeats timed runs after one warm-up):
   memory    peak memory of the whole method at SD 1.5 size (random weights, 256 px, float32 and/or
             bfloat16 weights), with short stage lengths: the peak does not depend on them;
             --compile adds the same run compiled as sample --compile does it
+  sd-pipeline
+            the whole default method for one image at SD 1.5 size (random weights, 256 px, 50
+            DDIM and 200 adaptation steps): seconds per image and peak memory, per dtype (and
+            compiled with --compile); not in the default parts: tens of minutes on a CPU
 The JSON holds every timing, the device, torch and diffusers versions and the date.
 """
 import argparse
@@ -343,6 +347,7 @@ from minibldm.sampler import Stages, gaussian
 from minibldm.unet import UNet
 from minibldm.weights import Models
 dev, dt, compiled = torch.device(sys.argv[1]), getattr(torch, sys.argv[2]), sys.argv[3] == "compile"
+full = sys.argv[4] == "full"  # the default 50 DDIM + 200 adaptation steps, else the short run
 def hwm():
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated()
@@ -364,8 +369,9 @@ m.text_encoder = nets[2] = None  # as minibldm.sample does once the prompts are 
 if compiled:  # as sample --compile does
     m.unet, m.control = compile_frozen(m.unet, dev), compile_frozen(m.control, dev)
 t0 = time.perf_counter()
-defect_image(m, x, mask[None, None].to(dev, dt), hint, cond, uncond, Stages(4, 1, 3, 3),
-             gaussian(torch.Generator(dev).manual_seed(0)), adapt_steps=2, compile=compiled)
+defect_image(m, x, mask[None, None].to(dev, dt), hint, cond, uncond,
+             Stages() if full else Stages(4, 1, 3, 3), gaussian(torch.Generator(dev).manual_seed(0)),
+             adapt_steps=200 if full else 2, compile=compiled)
 print(json.dumps({"seconds": time.perf_counter() - t0, "peak_bytes": hwm(), "weights_bytes": weights}))
 """
 
@@ -431,7 +437,7 @@ def bench_memory(args, device, results):
     rows = {}
     for dtype in args.dtype:
         for mode in ("eager", "compile") if args.compile else ("eager",):
-            r = subprocess.run([sys.executable, "-c", MEMORY, device.type, dtype, mode],
+            r = subprocess.run([sys.executable, "-c", MEMORY, device.type, dtype, mode, "short"],
                                capture_output=True, text=True, check=True)
             name = dtype if mode == "eager" else f"{dtype}_compiled"
             rows[name] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -440,6 +446,24 @@ def bench_memory(args, device, results):
                   flush=True)
     results["memory_sd15"] = {"rows": rows, "memory": "peak RSS (VmHWM) of the process"
                               if device.type == "cpu" else "torch.cuda.max_memory_allocated"}
+
+
+def bench_sd_pipeline(args, device, results):
+    """The whole default method for one image at SD 1.5 size (random weights, 256 px, 50 DDIM
+    steps, 200 adaptation steps): wall time and peak memory per dtype (the memory part's script,
+    at full length)."""
+    rows = {}
+    for dtype in args.dtype:
+        for mode in ("eager", "compile") if args.compile else ("eager",):
+            r = subprocess.run([sys.executable, "-c", MEMORY, device.type, dtype, mode, "full"],
+                               capture_output=True, text=True, check=True)
+            name = dtype if mode == "eager" else f"{dtype}_compiled"
+            rows[name] = json.loads(r.stdout.strip().splitlines()[-1])
+            rows[name]["images_per_hour"] = 3600 / rows[name]["seconds"]
+            print(f"sd-pipeline {name}: {rows[name]['seconds']:.0f} s per image, peak "
+                  f"{rows[name]['peak_bytes'] / 2 ** 30:.2f} GiB", file=sys.stderr, flush=True)
+    results["pipeline_sd15"] = {"rows": rows, "resolution": 256, "ddim_steps": 50,
+                                "adapt_steps": 200}
 
 
 def bench_pipeline(args, device, results):
@@ -462,7 +486,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=("sd15", "tiny"), default="sd15")
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
     p.add_argument("--parts", nargs="+", default=["peak", "step", "adapt", "pipeline", "memory"],
-                   choices=("peak", "step", "adapt", "adapt-trained", "pipeline", "memory"))
+                   choices=("peak", "step", "adapt", "adapt-trained", "pipeline", "memory",
+                            "sd-pipeline"))
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--channels-last", action="store_true",
@@ -496,6 +521,8 @@ def main(argv=None) -> int:
         bench_pipeline(args, device, results)
     if "memory" in args.parts:
         bench_memory(args, device, results)
+    if "sd-pipeline" in args.parts:
+        bench_sd_pipeline(args, device, results)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
