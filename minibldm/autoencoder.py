@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -35,12 +36,24 @@ def norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)  # ldm's Normalize: eps 1e-6, affine
 
 
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    """silu(norm(x)) (silu(x) = x * sigmoid(x), ldm's "swish"). recompute: when gradients are
+    on, keep only x for the backward pass and compute the norm's output again there, instead of
+    keeping it (one activation less per norm, for a cheap elementwise recomputation; the
+    decoder adaptation's MEMORY, adapt.py). The values and gradients are the same."""
+    if recompute and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(lambda t: F.silu(norm(t)), x, use_reentrant=False)
+    return F.silu(norm(x))
+
+
 class ResnetBlock(nn.Module):
     """Two (GroupNorm, swish, 3x3 conv) stages plus a skip; a 1x1 conv on the skip changes width.
 
     ldm's time embedding and dropout are absent: the autoencoder uses neither (dropout 0.0 in
     every public config).
     """
+
+    recompute = False  # norm_silu's recompute; adapt.adapt_decoder turns it on in its copy
 
     def __init__(self, c_in: int, c_out: int, groups: int):
         super().__init__()
@@ -52,8 +65,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # silu(x) = x * sigmoid(x), ldm's "swish"
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(norm_silu(self.norm1, x, self.recompute))
+        h = self.conv2(norm_silu(self.norm2, h, self.recompute))
         return self.nin_shortcut(x) + h
 
 

@@ -207,3 +207,34 @@ def test_config_checks_and_separable_decoder():
     z = torch.randn(1, 4, 4, 4)
     with torch.no_grad():
         assert torch.equal(ae.decode(z), ae.decoder(ae.post_quant_conv(z / 0.5)))
+
+
+def test_resnet_block_recompute_keeps_less_for_backward_and_changes_nothing():
+    """ResnetBlock.recompute (set by the decoder adaptation): the GroupNorm outputs are computed
+    again in the backward pass instead of kept, so autograd holds fewer bytes at the end of the
+    forward pass; output and gradients are bit-identical."""
+    from minibldm.autoencoder import ResnetBlock
+    torch.manual_seed(0)
+    block = ResnetBlock(16, 32, 8)
+    x0 = torch.randn(2, 16, 24, 24)
+
+    def run(recompute: bool):
+        block.recompute = recompute
+        block.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = block(x)
+        kept = sum(saved)  # bytes kept for backward (hooks see what each op saves)
+        y.square().sum().backward()
+        return y.detach(), x.grad, [p.grad.clone() for p in block.parameters()], kept
+    y0, gx0, gp0, kept0 = run(False)
+    y1, gx1, gp1, kept1 = run(True)
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    assert all(torch.equal(a, b) for a, b in zip(gp0, gp1))
+    act = 2 * 24 * 24 * 4  # bytes of one channel of activations for the batch
+    assert kept0 - kept1 >= (16 + 32) * act * 0.99, (kept0, kept1)  # both norm outputs not kept
