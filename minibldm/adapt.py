@@ -31,10 +31,10 @@ MEMORY. The gradients are dropped (set to None) right after each optimizer step 
 before the next backward pass, as `zero_grad` is often placed: otherwise the previous step's
 gradients (one decoder's worth) stay alive through the next forward pass, on top of its
 activations, which is where the adaptation's memory peaks. The results are the same. And
-adapt_decoder (one image, eager) has its copy's ResnetBlocks recompute their GroupNorm outputs
-in the backward pass rather than keep them (autoencoder.norm_silu): the whole method's peak at
-SD 1.5 size, 256 px, float32, fell from 7.45 to 7.11 GiB, and an iteration took 0.3% longer
-(docs/BENCHMARKS.md). Same values and gradients.
+adapt_decoder (one image, eager, images of at least 256 x 256) has its copy's ResnetBlocks
+recompute their GroupNorm outputs in the backward pass rather than keep them
+(autoencoder.norm_silu): the whole method's peak at SD 1.5 size, 256 px, float32, fell from 7.45
+to 7.11 GiB, and an iteration took 0.3% longer (docs/BENCHMARKS.md). Same values and gradients.
 """
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
+
+
+# Images of at least this many pixels recompute the GroupNorm outputs (MEMORY above): measured,
+# +0.3% time at SD 1.5 size and 256 px, but +12% for the tiny model's narrow decoder at 128 px,
+# whose memory is small anyway.
+RECOMPUTE_FROM = 256 * 256
 
 
 def adaptation_loss(out: Tensor, x_fg: Tensor, x_ok: Tensor, mask: Tensor,
@@ -123,7 +129,7 @@ def adapt_decoder(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, ste
     tuned = copy.deepcopy(decoder).float().train()  # float32 master weights: see PRECISION above
     for m in tuned.modules():  # see MEMORY above
         if hasattr(m, "recompute"):
-            m.recompute = True
+            m.recompute = x_ok.shape[-2] * x_ok.shape[-1] >= RECOMPUTE_FROM
     stages = tuned.stages()[frozen:]
     tuned.requires_grad_(False)
     for _, modules in stages:

@@ -263,6 +263,26 @@ def test_bfloat16_decoder_is_adapted_with_float32_master_weights(variant):
         assert torch.equal(v, before[k]) and v.dtype == torch.bfloat16, k
 
 
+def test_adaptation_recomputes_norms_from_256_pixels_on(monkeypatch):
+    """adapt_decoder's copy recomputes its GroupNorm outputs in the backward pass (memory) for
+    images of at least 256 x 256 pixels, and keeps them for smaller ones (speed)."""
+    import minibldm.autoencoder as autoencoder
+    from minibldm.adapt import RECOMPUTE_FROM
+    assert RECOMPUTE_FROM == 256 * 256
+    flags = []
+    real = autoencoder.norm_silu
+    monkeypatch.setattr(autoencoder, "norm_silu",
+                        lambda n, x, r=False: flags.append(r and torch.is_grad_enabled()) or real(n, x, r))
+    ae = randomize(Autoencoder(AE), 3).eval()
+    for latent, want in ((4, False), (32, True)):  # 32 px and 256 px images
+        h = ae.decoder_input(torch.randn(1, 4, latent, latent)).detach()
+        x_ok = torch.zeros(1, 3, latent * 8, latent * 8)
+        flags.clear()
+        adapt_decoder(ae.decoder, h, x_ok, torch.zeros(1, 1, latent * 8, latent * 8), steps=1)
+        assert flags and any(flags) == want, (latent, flags)
+    assert not getattr(ae.decoder.up[0].block[0], "recompute")  # the caller's decoder: untouched
+
+
 def test_output_head_runs_in_float32_under_autocast():
     from minibldm.adapt import run_stages
     ae = randomize(Autoencoder(AE), 3).eval()
