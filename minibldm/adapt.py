@@ -85,6 +85,21 @@ def _precision(decoder: nn.Module, device: torch.device):
     return ctx, torch.amp.GradScaler(device.type, enabled=low == torch.float16)
 
 
+def _update(loss: Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None):
+    """One step of every variant: backward and AdamW (through the gradient scaler, if any), then
+    the gradients dropped at once (MEMORY above) and autocast's weight copies forgotten
+    (AUTOCAST above)."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    opt.zero_grad(set_to_none=True)
+    torch.clear_autocast_cache()
+
+
 def _setup(decoder: nn.Module, h: Tensor, blocks: int | None):
     """What every variant starts from: x_fg = Phi(z*) unadapted, the index of the first trained
     stage, that stage's input (the frozen stages run once), and the ids of the trained
@@ -143,11 +158,7 @@ def adapt_decoder(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, ste
         for step in range(steps):
             loss = adaptation_loss(run_stages(stages, start), x_fg, x_ok, mask, fg_weight,
                                    bg_weight)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)  # now, not before the next backward: see MEMORY above
-            torch.clear_autocast_cache()  # see AUTOCAST above
+            _update(loss, opt, scaler)
             losses.append(loss.item())
             if callback is not None:
                 callback(step, losses[-1])
@@ -199,22 +210,16 @@ def adapt_decoders(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, st
     # torch applies no autocast inside vmap (measured, torch 2.13): the batch computes in float32
     split = [t.float().unsqueeze(1) for t in (start, x_fg, x_ok, mask)]
     opt = torch.optim.AdamW(list(params.values()), lr=lr)
-    precision, scaler = _precision(decoder, h.device)
     losses: list[list[float]] = [[] for _ in range(b)]
-    with precision:
-        for step in range(steps):
-            _, loss = batched(params, *split)
-            scaler.scale(loss.sum()).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)  # see MEMORY above
-            torch.clear_autocast_cache()  # see AUTOCAST above
-            for i, v in enumerate(loss.tolist()):
-                losses[i].append(v)
-            if callback is not None:
-                callback(step, sum(loss.tolist()) / b)
-        with torch.no_grad():
-            out, loss = batched(params, *split)
+    for step in range(steps):  # float32 (see above): no autocast, no gradient scaler
+        _, loss = batched(params, *split)
+        _update(loss.sum(), opt)
+        for i, v in enumerate(loss.tolist()):
+            losses[i].append(v)
+        if callback is not None:
+            callback(step, sum(loss.tolist()) / b)
+    with torch.no_grad():
+        out, loss = batched(params, *split)
     for i, v in enumerate(loss.tolist()):
         losses[i].append(v)
     return out.squeeze(1).to(x_fg.dtype), losses
@@ -249,11 +254,7 @@ def _adapt_compiled(decoder, h, x_ok, mask, steps, lr, fg_weight, bg_weight, cal
     with precision:
         for i in range(steps):
             _, loss = step(params, start, x_fg, x_ok, mask, fg_weight, bg_weight)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)  # now, not before the next backward: see MEMORY above
-            torch.clear_autocast_cache()  # see AUTOCAST above
+            _update(loss, opt, scaler)
             losses.append(loss.item())
             if callback is not None:
                 callback(i, losses[-1])

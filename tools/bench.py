@@ -430,20 +430,27 @@ def bench_adapt_trained(args, device, results):
     results["adapt_trained_tiny"] = {"resolution": res, "steps": steps, "rows": rows}
 
 
+def sd_method_runs(args, device, length: str):
+    """The MEMORY script once per dtype (and compiled, with --compile), each in its own process:
+    {name: {"seconds", "peak_bytes", "weights_bytes"}}. length: "short" or "full"."""
+    rows = {}
+    for dtype in args.dtype:
+        for mode in ("eager", "compile") if args.compile else ("eager",):
+            r = subprocess.run([sys.executable, "-c", MEMORY, device.type, dtype, mode, length],
+                               capture_output=True, text=True, check=True)
+            rows[dtype if mode == "eager" else f"{dtype}_compiled"] = json.loads(
+                r.stdout.strip().splitlines()[-1])
+    return rows
+
+
 def bench_memory(args, device, results):
     """Peak memory of the whole method at SD 1.5 size (random weights, 256 px). Peak memory does
     not depend on the step counts, so 4 DDIM steps (free, latent and image editing all visited)
     and 2 adaptation steps stand in for 50 and 200."""
-    rows = {}
-    for dtype in args.dtype:
-        for mode in ("eager", "compile") if args.compile else ("eager",):
-            r = subprocess.run([sys.executable, "-c", MEMORY, device.type, dtype, mode, "short"],
-                               capture_output=True, text=True, check=True)
-            name = dtype if mode == "eager" else f"{dtype}_compiled"
-            rows[name] = json.loads(r.stdout.strip().splitlines()[-1])
-            print(f"memory sd15 {name}: peak {rows[name]['peak_bytes'] / 2 ** 30:.2f} GiB "
-                  f"(weights alone {rows[name]['weights_bytes'] / 2 ** 30:.2f} GiB)", file=sys.stderr,
-                  flush=True)
+    rows = sd_method_runs(args, device, "short")
+    for name, r in rows.items():
+        print(f"memory sd15 {name}: peak {r['peak_bytes'] / 2 ** 30:.2f} GiB "
+              f"(weights alone {r['weights_bytes'] / 2 ** 30:.2f} GiB)", file=sys.stderr, flush=True)
     results["memory_sd15"] = {"rows": rows, "memory": "peak RSS (VmHWM) of the process"
                               if device.type == "cpu" else "torch.cuda.max_memory_allocated"}
 
@@ -452,16 +459,11 @@ def bench_sd_pipeline(args, device, results):
     """The whole default method for one image at SD 1.5 size (random weights, 256 px, 50 DDIM
     steps, 200 adaptation steps): wall time and peak memory per dtype (the memory part's script,
     at full length)."""
-    rows = {}
-    for dtype in args.dtype:
-        for mode in ("eager", "compile") if args.compile else ("eager",):
-            r = subprocess.run([sys.executable, "-c", MEMORY, device.type, dtype, mode, "full"],
-                               capture_output=True, text=True, check=True)
-            name = dtype if mode == "eager" else f"{dtype}_compiled"
-            rows[name] = json.loads(r.stdout.strip().splitlines()[-1])
-            rows[name]["images_per_hour"] = 3600 / rows[name]["seconds"]
-            print(f"sd-pipeline {name}: {rows[name]['seconds']:.0f} s per image, peak "
-                  f"{rows[name]['peak_bytes'] / 2 ** 30:.2f} GiB", file=sys.stderr, flush=True)
+    rows = sd_method_runs(args, device, "full")
+    for name, r in rows.items():
+        r["images_per_hour"] = 3600 / r["seconds"]
+        print(f"sd-pipeline {name}: {r['seconds']:.0f} s per image, peak "
+              f"{r['peak_bytes'] / 2 ** 30:.2f} GiB", file=sys.stderr, flush=True)
     results["pipeline_sd15"] = {"rows": rows, "resolution": 256, "ddim_steps": 50,
                                 "adapt_steps": 200}
 
