@@ -23,7 +23,10 @@ adapt_decoders, which vmap keeps in float32): trained in
 bfloat16 directly, AdamW's steps of lr 1e-4 are mostly below bfloat16's resolution of the weights,
 and on the tiny model's pill image the final loss ended 50% above float32's (+4% with float32
 master weights). float16 adds a gradient scaler, since the loss's per-pixel gradients are
-smaller than float16 resolves. Under any autocast, the output head (norm_out, conv_out: a small
+smaller than float16 resolves. The scaler starts high and skips each update whose gradients
+overflowed, halving its scale; a skipped update is done again at the lower scale rather than
+counted, so `steps` is always the number of real updates, as in float32 (counted, the first
+steps were lost: in a 3-step test, 2 of the 3). Under any autocast, the output head (norm_out, conv_out: a small
 share of the work) runs in float32, so the loss sees an unrounded image (+2%, down from +4%).
 See docs/BENCHMARKS.md.
 
@@ -34,7 +37,8 @@ activations, which is where the adaptation's memory peaks. The results are the s
 adapt_decoder (one image, eager, images of at least 256 x 256) has its copy's ResnetBlocks
 recompute their GroupNorm outputs in the backward pass rather than keep them
 (autoencoder.norm_silu): the whole method's peak at SD 1.5 size, 256 px, float32, fell from 7.45
-to 7.11 GiB, and an iteration took 0.3% longer (docs/BENCHMARKS.md). Same values and gradients.
+to 7.11 GiB, and an iteration takes about 9% longer (median of six pairs of runs timed in turn;
+docs/BENCHMARKS.md). Same values and gradients.
 """
 from __future__ import annotations
 
@@ -50,8 +54,8 @@ from torch.func import functional_call, stack_module_state, vmap
 
 
 # Images of at least this many pixels recompute the GroupNorm outputs (MEMORY above): measured,
-# +0.3% time at SD 1.5 size and 256 px, but +12% for the tiny model's narrow decoder at 128 px,
-# whose memory is small anyway.
+# about +9% time at SD 1.5 size and 256 px (what keeps float32 sampling under 8 GB), and +12%
+# for the tiny model's narrow decoder at 128 px, whose memory is small anyway.
 RECOMPUTE_FROM = 256 * 256
 
 
@@ -85,19 +89,48 @@ def _precision(decoder: nn.Module, device: torch.device):
     return ctx, torch.amp.GradScaler(device.type, enabled=low == torch.float16)
 
 
-def _update(loss: Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None):
+# Skipped float16 updates in a row after which the adaptation gives up (PRECISION above): the
+# scaler halves its scale at each, so by then it is below 2**-14 of where it started.
+MAX_SKIPPED = 30
+
+
+def _update(loss: Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> bool:
     """One step of every variant: backward and AdamW (through the gradient scaler, if any), then
     the gradients dropped at once (MEMORY above) and autocast's weight copies forgotten
-    (AUTOCAST above)."""
-    if scaler is None:
+    (AUTOCAST above). False when the scaler found overflowed gradients and skipped the update."""
+    applied = True
+    if scaler is None or not scaler.is_enabled():
         loss.backward()
         opt.step()
     else:
+        scale = scaler.get_scale()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+        applied = scaler.get_scale() >= scale  # the scale only falls when the update was skipped
     opt.zero_grad(set_to_none=True)
     torch.clear_autocast_cache()
+    return applied
+
+
+def _steps(steps: int, step_fn: Callable[[], tuple[Tensor, bool]],
+           callback: Callable[[int, float], None] | None) -> list[float]:
+    """Run step_fn (one update: (its loss, whether it was applied)) until `steps` updates were
+    applied; a skipped one (float16 overflow) is done again. Returns the loss before each."""
+    losses, skipped = [], 0
+    while len(losses) < steps:
+        loss, applied = step_fn()
+        if not applied:
+            skipped += 1
+            if skipped > MAX_SKIPPED:
+                raise RuntimeError(f"decoder adaptation: float16 gradients overflowed in "
+                                   f"{skipped} updates in a row; adapt in bfloat16 or float32")
+            continue
+        skipped = 0
+        losses.append(loss.item())
+        if callback is not None:
+            callback(len(losses) - 1, losses[-1])
+    return losses
 
 
 def _setup(decoder: nn.Module, h: Tensor, blocks: int | None):
@@ -153,15 +186,12 @@ def adapt_decoder(decoder: nn.Module, h: Tensor, x_ok: Tensor, mask: Tensor, ste
 
     opt = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=lr)
     precision, scaler = _precision(decoder, h.device)
-    losses = []
+
+    def step():
+        loss = adaptation_loss(run_stages(stages, start), x_fg, x_ok, mask, fg_weight, bg_weight)
+        return loss, _update(loss, opt, scaler)
     with precision:
-        for step in range(steps):
-            loss = adaptation_loss(run_stages(stages, start), x_fg, x_ok, mask, fg_weight,
-                                   bg_weight)
-            _update(loss, opt, scaler)
-            losses.append(loss.item())
-            if callback is not None:
-                callback(step, losses[-1])
+        losses = _steps(steps, step, callback)
         with torch.no_grad():
             out = run_stages(stages, start)
             losses.append(adaptation_loss(out, x_fg, x_ok, mask, fg_weight, bg_weight).item())
@@ -250,14 +280,12 @@ def _adapt_compiled(decoder, h, x_ok, mask, steps, lr, fg_weight, bg_weight, cal
               for n, p in decoder.named_parameters()}  # float32 master weights: see PRECISION
     opt = torch.optim.AdamW([p for p in params.values() if p.requires_grad], lr=lr)
     precision, scaler = _precision(decoder, h.device)
-    losses = []
+
+    def one():
+        _, loss = step(params, start, x_fg, x_ok, mask, fg_weight, bg_weight)
+        return loss, _update(loss, opt, scaler)
     with precision:
-        for i in range(steps):
-            _, loss = step(params, start, x_fg, x_ok, mask, fg_weight, bg_weight)
-            _update(loss, opt, scaler)
-            losses.append(loss.item())
-            if callback is not None:
-                callback(i, losses[-1])
+        losses = _steps(steps, one, callback)
         with torch.no_grad():
             out, loss = step(params, start, x_fg, x_ok, mask, fg_weight, bg_weight)
     losses.append(loss.item())

@@ -21,6 +21,18 @@ UN = UNetConfig(model_channels=16, channel_mult=(1, 2), attention_resolutions=(2
 AC = alphas_cumprod()
 
 
+def guided_nets():
+    """A small random UNet and trimap branch ready for sampling, the prompts' embeddings, a
+    trimap, and the generator that drew them (for more draws)."""
+    torch.manual_seed(0)
+    unet = randomize(UNet(UN), 4).eval().requires_grad_(False)
+    control = randomize(ControlNet(UN), 5).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    cond, uncond = torch.randn(2, 1, 77, 16, generator=g)
+    hint = torch.rand(1, 3, 64, 64, generator=g)
+    return unet, control, cond, uncond, hint, g
+
+
 def test_reference_and_paper_schedules():
     s = Stages()
     assert [i for i in range(s.steps) if s.edits_latent(i)] == list(range(26, 46))
@@ -263,6 +275,30 @@ def test_bfloat16_decoder_is_adapted_with_float32_master_weights(variant):
         assert torch.equal(v, before[k]) and v.dtype == torch.bfloat16, k
 
 
+def test_float16_adaptation_redoes_the_updates_its_scaler_skipped():
+    """A float16 decoder is adapted through a gradient scaler, which starts at 2**16 and skips
+    the updates whose gradients overflow. Those are done again at the lower scale, so all
+    `steps` updates are real and the loss follows float32's from the first one. (Counted as
+    steps, 2 of these 3 updates were lost and the loss stayed at its start.) A loss that
+    overflows at every scale ends in a clear error, not an endless loop."""
+    ae = randomize(Autoencoder(AE), 3).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    h = ae.decoder_input(torch.randn(1, 4, 4, 4, generator=g)).detach()
+    with torch.no_grad():
+        x_ok = (0.8 * ae.decoder(h) + 0.2).clamp(-1, 1)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:20, 8:20] = 1
+    _, full = adapt_decoder(ae.decoder, h, x_ok, mask, steps=3, lr=1e-4)
+    low = copy.deepcopy(ae.decoder).half()
+    _, half = adapt_decoder(low, h.half(), x_ok.half(), mask.half(), steps=3, lr=1e-4)
+    assert len(half) == 4 and full[-1] < 0.5 * full[0]
+    assert np.allclose(half, full, rtol=0.02, atol=0), (half, full)  # measured: within 0.7%
+    x_bad = x_ok.half()
+    x_bad[..., 0, 0] = float("inf")
+    with pytest.raises(RuntimeError, match="overflowed in 31 updates in a row"):
+        adapt_decoder(low, h.half(), x_bad, mask.half(), steps=3, lr=1e-4)
+
+
 def test_adaptation_recomputes_norms_from_256_pixels_on(monkeypatch):
     """adapt_decoder's copy recomputes its GroupNorm outputs in the backward pass (memory) for
     images of at least 256 x 256 pixels, and keeps them for smaller ones (speed)."""
@@ -363,12 +399,7 @@ def test_compile_frozen_guided_step_agrees_with_eager():
     guided step with the trimap branch gives the eager result within 1e-4, for two inputs
     (the graph is not specialised to the first one's values)."""
     from minibldm.sample import compile_frozen
-    torch.manual_seed(0)
-    unet = randomize(UNet(UN), 4).eval().requires_grad_(False)
-    control = randomize(ControlNet(UN), 5).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(2)
-    cond, uncond = torch.randn(2, 1, 77, 16, generator=g)
-    hint = torch.rand(1, 3, 64, 64, generator=g)
+    unet, control, cond, uncond, hint, g = guided_nets()
     eager = guided_eps(unet, control, cond, uncond, hint, 9.0)
     dev = torch.device("cpu")
     fused = guided_eps(compile_frozen(unet, dev), compile_frozen(control, dev), cond, uncond,

@@ -4,7 +4,9 @@ random weights (diffusers' networks converted by minibldm.convert, as users conv
     python tools/bench.py [--device cpu|cuda] [--size sd15|tiny] [--dtype float32 bfloat16]
                           [--parts peak step adapt adapt-trained pipeline memory sd-pipeline]
                           [--compile] [--channels-last]
-                          [--repeats 3] [--adapt-steps N] [--adapt-res PX] [--adapt-blocks N ...]
+                          [--repeats 3] [--adapt-steps N] [--rounds R] [--adapt-res PX]
+                          [--adapt-blocks N ...]
+                          [--batch-size B ...]
                           --out BENCH.json
 
 Parts (medians of --repeats timed runs after one warm-up):
@@ -20,7 +22,9 @@ Parts (medians of --repeats timed runs after one warm-up):
             minibldm.adapt_decoder against a plain loop over diffusers' AutoencoderKL decoder;
             float32, and minibldm under bfloat16 autocast when bfloat16 is asked for; each runs
             --adapt-steps iterations (200: the final losses are compared) at --adapt-res;
-            --compile adds the compiled adaptation, --adapt-blocks N its opt-in faster variants
+            --compile adds the compiled adaptation, --adapt-blocks N its opt-in faster variants;
+            --rounds R runs all the variants in turn R times (speed-ups: the median of the
+            rounds' own ratios)
   pipeline  the whole default method for one image (minibldm.sample.defect_image, 50 steps and
             200 adaptation steps) with weights/tiny: wall time and peak memory (a subprocess's
             peak RSS on CPU, max_memory_allocated on a GPU)
@@ -30,13 +34,14 @@ Parts (medians of --repeats timed runs after one warm-up):
             float32, bfloat16 autocast, a bfloat16 decoder (as sample --dtype bfloat16 runs it),
             compiled (--compile) and --adapt-blocks variants, and
             the background PSNR each reaches
-  memory    peak memory of the whole method at SD 1.5 size (random weights, 256 px, float32 and/or
-            bfloat16 weights), with short stage lengths: the peak does not depend on them;
-            --compile adds the same run compiled as sample --compile does it
+  memory    peak memory of the whole method at --size (random weights; sd15 at 256 px, tiny at
+            128 px; per --dtype and --batch-size), with short stage lengths: the peak does not
+            depend on them; --compile adds the same run compiled as sample --compile does it
   sd-pipeline
-            the whole default method for one image at SD 1.5 size (random weights, 256 px, 50
-            DDIM and 200 adaptation steps): seconds per image and peak memory, per dtype (and
-            compiled with --compile); not in the default parts: tens of minutes on a CPU
+            the whole default method at --size (random weights, 50 DDIM and 200 adaptation
+            steps): seconds per image, images per hour and peak memory per dtype and
+            --batch-size (and compiled with --compile); not in the default parts: at SD 1.5
+            size, tens of minutes per image on a CPU
 The JSON holds every timing, the device, torch and diffusers versions and the date.
 """
 import argparse
@@ -274,35 +279,50 @@ def bench_adapt(args, device, results):
             losses.append(adaptation_loss(dec(hin), x_fg, x_ok, mask).item())
         return per_step(times), losses
 
-    row = {}
-    row["diffusers_float32"], l_ref = theirs()
-    row["minibldm_float32"], l_ours = ours(False)
-    row["resolution"], row["iterations"] = res, n
+    # every variant, run in turn, --rounds times: a shared machine's speed drifts by 10-20%
+    # over minutes, so each round's ratios compare variants timed minutes apart at most
+    variants = {"diffusers_float32": theirs, "minibldm_float32": lambda: ours(False)}
+    if args.compile:
+        variants["minibldm_compiled_float32"] = lambda: ours(False, compile=True)
+    for b in args.adapt_blocks or ():
+        variants[f"minibldm_blocks{b}_float32"] = lambda b=b: ours(False, blocks=b)
+    if "bfloat16" in args.dtype:
+        variants["minibldm_bf16_autocast"] = lambda: ours(True)
+    runs = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for k, fn in variants.items():
+            runs[k].append(fn())
+    row = {k: r[0][0] for k, r in runs.items()}  # the first round's timings and losses
+    loss = {k: r[0][1] for k, r in runs.items()}
+    for k, r in runs.items():
+        row[k]["round_medians_s"] = [t["median_s"] for t, _ in r]
+        row[k]["median_s"] = statistics.median(row[k]["round_medians_s"])
+        if k.startswith("minibldm_"):
+            per_round = [d / o for d, o in zip(row["diffusers_float32"]["round_medians_s"],
+                                              row[k]["round_medians_s"])]
+            row[k]["speedup_vs_diffusers_float32_per_round"] = per_round
+            row[k]["speedup_vs_diffusers_float32"] = statistics.median(per_round)
+    l_ref, l_ours = loss["diffusers_float32"], loss["minibldm_float32"]
+    row["resolution"], row["iterations"], row["rounds"] = res, n, args.rounds
     every = max(1, n // 20)  # the loss curves, about 20 points each
-    row["loss_curves"] = {"every": every, "diffusers_float32": l_ref[::every],
-                          "minibldm_float32": l_ours[::every]}
+    row["loss_curves"] = {"every": every, **{k: v[::every] for k, v in loss.items()}}
     row["first_loss_float32"] = {"diffusers": l_ref[0], "minibldm": l_ours[0]}
     row["final_loss_float32"] = {"diffusers": l_ref[-1], "minibldm": l_ours[-1],
                                  "relative_difference": l_ours[-1] / l_ref[-1] - 1}
     if args.compile:
-        row["minibldm_compiled_float32"], l_c = ours(False, compile=True)
-        row["loss_curves"]["minibldm_compiled_float32"] = l_c[::every]
+        l_c = loss["minibldm_compiled_float32"]
         row["final_loss_compiled_float32"] = {"minibldm": l_c[-1],
                                               "relative_difference": l_c[-1] / l_ref[-1] - 1}
-    for b in args.adapt_blocks or ():
-        row[f"minibldm_blocks{b}_float32"], l_b = ours(False, blocks=b)
-        row["loss_curves"][f"minibldm_blocks{b}_float32"] = l_b[::every]
     if "bfloat16" in args.dtype:
-        row["minibldm_bf16_autocast"], l_bf = ours(True)
+        l_bf = loss["minibldm_bf16_autocast"]
         row["first_loss_bf16"] = l_bf[0]
-        row["loss_curves"]["minibldm_bf16_autocast"] = l_bf[::every]
         row["final_loss_bf16"] = {"minibldm": l_bf[-1],
                                   "relative_difference_vs_diffusers_float32": l_bf[-1] / l_ref[-1] - 1}
-    for k in [k for k in row if k.startswith("minibldm_")]:
-        row[k]["speedup_vs_diffusers_float32"] = row["diffusers_float32"]["median_s"] / row[k]["median_s"]
-    for k, v in row.items():
-        if isinstance(v, dict) and "median_s" in v:
-            print(f"adapt {k}: {v['median_s']:.3f} s/iteration", file=sys.stderr, flush=True)
+    for k in variants:
+        extra = (f" ({row[k]['speedup_vs_diffusers_float32']:.2f}x diffusers, per round "
+                 + ", ".join(f"{x:.2f}" for x in row[k]["speedup_vs_diffusers_float32_per_round"])
+                 + ")") if k.startswith("minibldm_") else ""
+        print(f"adapt {k}: {row[k]['median_s']:.3f} s/iteration{extra}", file=sys.stderr, flush=True)
     results["adapt"] = row
 
 
@@ -339,40 +359,56 @@ MEMORY = """
 import json, sys, time, torch
 from minibldm.autoencoder import Autoencoder
 from minibldm.clip import TextEncoder
-from minibldm.config import SD15
+from minibldm.config import PRESETS
 from minibldm.control import ControlNet
 from minibldm.masks import trimap
-from minibldm.sample import compile_frozen, defect_image
-from minibldm.sampler import Stages, gaussian
+from minibldm.sample import compile_frozen, defect_image, per_image_noise
+from minibldm.sampler import Stages
 from minibldm.unet import UNet
 from minibldm.weights import Models
 dev, dt, compiled = torch.device(sys.argv[1]), getattr(torch, sys.argv[2]), sys.argv[3] == "compile"
 full = sys.argv[4] == "full"  # the default 50 DDIM + 200 adaptation steps, else the short run
+cfg, B = PRESETS[sys.argv[5]], int(sys.argv[6])  # model size, images per batch
 def hwm():
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated()
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024
 torch.manual_seed(0)
-nets = [net(cfg).to(dev, dt).eval().requires_grad_(False) for net, cfg in
-        ((Autoencoder, SD15.autoencoder), (UNet, SD15.unet), (TextEncoder, SD15.text), (ControlNet, SD15.unet))]
-m = Models(SD15, nets[0], nets[1], nets[2], None, nets[3])
+nets = [net(c).to(dev, dt).eval().requires_grad_(False) for net, c in
+        ((Autoencoder, cfg.autoencoder), (UNet, cfg.unet), (TextEncoder, cfg.text), (ControlNet, cfg.unet))]
+m = Models(cfg, nets[0], nets[1], nets[2], None, nets[3])
 weights = hwm()
-S = 256
-x = torch.rand(1, 3, S, S, device=dev, dtype=dt) * 2 - 1
+S = 256 if sys.argv[5] == "sd15" else 128
+x = torch.rand(B, 3, S, S, device=dev, dtype=dt) * 2 - 1
 mask = torch.zeros(S, S); mask[S // 4: S // 2, S // 3: S // 2] = 1
-hint = trimap(mask, torch.ones(S, S))[None].to(dev, dt)
+hint = trimap(mask, torch.ones(S, S))[None].to(dev, dt).repeat(B, 1, 1, 1)
 with torch.no_grad():
-    ids = torch.randint(0, SD15.text.vocab_size, (2, 77), device=dev)
-    cond, uncond = m.text_encoder(ids).chunk(2)
+    ids = torch.randint(0, cfg.text.vocab_size, (2, 77), device=dev)
+    cond, uncond = (e.repeat(B, 1, 1) for e in m.text_encoder(ids).chunk(2))
 m.text_encoder = nets[2] = None  # as minibldm.sample does once the prompts are encoded
 if compiled:  # as sample --compile does
     m.unet, m.control = compile_frozen(m.unet, dev), compile_frozen(m.control, dev)
+stamps = []  # the end of each adaptation step
+def adapt_step(step, loss):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    stamps.append(time.perf_counter())
 t0 = time.perf_counter()
-defect_image(m, x, mask[None, None].to(dev, dt), hint, cond, uncond,
-             Stages() if full else Stages(4, 1, 3, 3), gaussian(torch.Generator(dev).manual_seed(0)),
-             adapt_steps=200 if full else 2, compile=compiled)
-print(json.dumps({"seconds": time.perf_counter() - t0, "peak_bytes": hwm(), "weights_bytes": weights}))
+r = defect_image(m, x, mask[None, None].to(dev, dt).repeat(B, 1, 1, 1), hint, cond, uncond,
+             Stages() if full else Stages(4, 1, 3, 3),
+             per_image_noise([torch.Generator(dev).manual_seed(i) for i in range(B)]),
+             adapt_steps=200 if full else 2, compile=compiled, adapt_progress=adapt_step)
+if dev.type == "cuda":
+    torch.cuda.synchronize()
+end = time.perf_counter()
+steps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+print(json.dumps({"seconds": end - t0, "peak_bytes": hwm(), "weights_bytes": weights,
+                  "images": r["after"].shape[0],
+                  # sampling and decoding up to the end of the first adaptation step (which holds
+                  # the adaptation's setup and any compile), then the median later step
+                  "until_first_adapt_step_s": stamps[0] - t0,
+                  "adapt_step_median_s": steps[len(steps) // 2] if steps else None}))
 """
 
 
@@ -431,41 +467,46 @@ def bench_adapt_trained(args, device, results):
 
 
 def sd_method_runs(args, device, length: str):
-    """The MEMORY script once per dtype (and compiled, with --compile), each in its own process:
-    {name: {"seconds", "peak_bytes", "weights_bytes"}}. length: "short" or "full"."""
+    """The MEMORY script once per dtype, batch size (and compiled, with --compile), each in its
+    own process: {name: {"seconds", "seconds_per_image", "batch", "peak_bytes",
+    "weights_bytes"}}. length: "short" or "full"."""
     rows = {}
     for dtype in args.dtype:
         for mode in ("eager", "compile") if args.compile else ("eager",):
-            r = subprocess.run([sys.executable, "-c", MEMORY, device.type, dtype, mode, length],
-                               capture_output=True, text=True, check=True)
-            rows[dtype if mode == "eager" else f"{dtype}_compiled"] = json.loads(
-                r.stdout.strip().splitlines()[-1])
+            for b in args.batch_size:
+                r = subprocess.run([sys.executable, "-c", MEMORY, device.type, dtype, mode, length,
+                                    args.size, str(b)], capture_output=True, text=True, check=True)
+                row = json.loads(r.stdout.strip().splitlines()[-1])
+                row.update(batch=b, seconds_per_image=row["seconds"] / b)
+                name = dtype + ("_compiled" if mode == "compile" else "") + (f"_batch{b}" if b > 1 else "")
+                rows[name] = row
     return rows
 
 
 def bench_memory(args, device, results):
-    """Peak memory of the whole method at SD 1.5 size (random weights, 256 px). Peak memory does
+    """Peak memory of the whole method at --size (random weights; sd15: 256 px, tiny: 128 px),
+    per dtype and batch size. Peak memory does
     not depend on the step counts, so 4 DDIM steps (free, latent and image editing all visited)
     and 2 adaptation steps stand in for 50 and 200."""
     rows = sd_method_runs(args, device, "short")
     for name, r in rows.items():
-        print(f"memory sd15 {name}: peak {r['peak_bytes'] / 2 ** 30:.2f} GiB "
+        print(f"memory {args.size} {name}: peak {r['peak_bytes'] / 2 ** 30:.2f} GiB "
               f"(weights alone {r['weights_bytes'] / 2 ** 30:.2f} GiB)", file=sys.stderr, flush=True)
-    results["memory_sd15"] = {"rows": rows, "memory": "peak RSS (VmHWM) of the process"
-                              if device.type == "cpu" else "torch.cuda.max_memory_allocated"}
+    results["memory"] = {"size": args.size, "rows": rows, "memory": "peak RSS (VmHWM) of the "
+                         "process" if device.type == "cpu" else "torch.cuda.max_memory_allocated"}
 
 
 def bench_sd_pipeline(args, device, results):
-    """The whole default method for one image at SD 1.5 size (random weights, 256 px, 50 DDIM
-    steps, 200 adaptation steps): wall time and peak memory per dtype (the memory part's script,
-    at full length)."""
+    """The whole default method at --size (random weights; sd15: 256 px; 50 DDIM steps, 200
+    adaptation steps): seconds per image, images per hour and peak memory per dtype and batch
+    size (the memory part's script, at full length)."""
     rows = sd_method_runs(args, device, "full")
     for name, r in rows.items():
-        r["images_per_hour"] = 3600 / r["seconds"]
-        print(f"sd-pipeline {name}: {r['seconds']:.0f} s per image, peak "
+        r["images_per_hour"] = 3600 / r["seconds_per_image"]
+        print(f"sd-pipeline {args.size} {name}: {r['seconds_per_image']:.1f} s per image, peak "
               f"{r['peak_bytes'] / 2 ** 30:.2f} GiB", file=sys.stderr, flush=True)
-    results["pipeline_sd15"] = {"rows": rows, "resolution": 256, "ddim_steps": 50,
-                                "adapt_steps": 200}
+    results["sd_pipeline"] = {"size": args.size, "rows": rows, "ddim_steps": 50, "adapt_steps": 200,
+                              "resolution": 256 if args.size == "sd15" else 128}
 
 
 def bench_pipeline(args, device, results):
@@ -497,10 +538,14 @@ def main(argv=None) -> int:
     p.add_argument("--adapt-steps", type=int, metavar="N",
                    help="adaptation iterations per variant (default repeats + 1); with 200, the "
                    "final losses compare the way issue 7 asks")
+    p.add_argument("--rounds", type=int, default=1, metavar="R",
+                   help="adapt part: run every variant in turn R times; medians over the rounds")
     p.add_argument("--adapt-res", type=int, metavar="PX",
                    help="adaptation image side (default 256 for sd15, 128 for tiny)")
     p.add_argument("--adapt-blocks", type=int, nargs="+", metavar="N",
                    help="adapt and adapt-trained parts: also time --adapt-blocks N (float32)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1], metavar="B",
+                   help="memory and sd-pipeline parts: images per batch (several: one run each)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -1,0 +1,130 @@
+"""What only a GPU can check: the networks, the compiled paths, the float16 adaptation and
+`python -m minibldm.sample` on CUDA. Skipped where torch sees no CUDA device (CI, developers'
+CPU machines); tools/gpu_check.sh runs them first when a GPU is lent.
+
+Float32 comparisons switch TF32 off (torch's default lets cuDNN's convolutions use it, which
+rounds their inputs to 10 mantissa bits: about 1e-3, not a bug).
+
+MINIBLDM_TEST_GPU=cpu runs them on the CPU instead: a dry run of their own logic, for a machine
+without a GPU."""
+import copy
+import os
+from io import BytesIO
+
+import numpy as np
+import pytest
+import torch
+from conftest import max_abs, randomize
+from PIL import Image
+from test_sample import files, inputs, run  # noqa: F401 (inputs is a fixture)
+from test_sampler import AE, guided_nets
+
+from minibldm.adapt import adapt_decoder, adapt_decoders
+from minibldm.autoencoder import Autoencoder
+from minibldm.sample import compile_frozen
+from minibldm.sampler import guided_eps
+
+CUDA = torch.device(os.environ.get("MINIBLDM_TEST_GPU", "cuda"))
+pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(),
+                                reason="needs a CUDA device (tools/gpu_check.sh runs these)")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@torch.no_grad()
+def test_guided_step_on_cuda_matches_cpu():
+    unet, control, cond, uncond, hint, g = guided_nets()
+    z, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+    want = guided_eps(unet, control, cond, uncond, hint, 9.0)(z, t)
+    on = [x.to(CUDA) for x in (cond, uncond, hint, z, t)]
+    got = guided_eps(copy.deepcopy(unet).to(CUDA), copy.deepcopy(control).to(CUDA), *on[:3],
+                     9.0)(*on[3:])
+    assert max_abs(got.cpu(), want) < 1e-4 * max(1.0, want.abs().max().item())
+
+
+@torch.no_grad()
+def test_compiled_guided_step_on_cuda_matches_eager():
+    """sample --compile on a GPU: plain torch.compile (Triton kernels), within 1e-4 of eager."""
+    unet, control, cond, uncond, hint, g = guided_nets()
+    unet, control = unet.to(CUDA), control.to(CUDA)
+    cond, uncond, hint = cond.to(CUDA), uncond.to(CUDA), hint.to(CUDA)
+    eager = guided_eps(unet, control, cond, uncond, hint, 9.0)
+    fused = guided_eps(compile_frozen(unet, CUDA), compile_frozen(control, CUDA), cond, uncond,
+                       hint, 9.0)
+    for t in (900, 20):
+        zz, tt = torch.randn(1, 4, 8, 8, generator=g).to(CUDA), torch.tensor([t], device=CUDA)
+        want = eager(zz, tt)
+        assert max_abs(fused(zz, tt), want) < 1e-4 * max(1.0, want.abs().max().item())
+
+
+def adaptation_inputs(b=1):
+    torch.manual_seed(0)
+    ae = randomize(Autoencoder(AE), 3).eval().requires_grad_(False).to(CUDA)
+    g = torch.Generator().manual_seed(1)
+    h = ae.decoder_input(torch.randn(b, 4, 4, 4, generator=g).to(CUDA)).detach()
+    with torch.no_grad():
+        x_ok = (0.8 * ae.decoder(h) + 0.2).clamp(-1, 1)
+    mask = torch.zeros(b, 1, 32, 32, device=CUDA)
+    mask[..., 8:20, 8:20] = 1
+    return ae, h, x_ok, mask
+
+
+def test_compiled_adaptation_on_cuda_matches_eager():
+    """The whole decoder, forward + backward through inductor's Triton kernels."""
+    ae, h, x_ok, mask = adaptation_inputs()
+    eager, eager_losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=8, lr=3e-4)
+    fused, fused_losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=8, lr=3e-4, compile=True)
+    assert max_abs(eager, fused) < 1e-4
+    assert np.allclose(eager_losses, fused_losses, rtol=1e-4, atol=0)
+    assert eager_losses[-1] < eager_losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_decoder_adaptation_on_cuda_follows_float32(dtype):
+    """sample --dtype float16 (the GPU default for memory): a float32 copy trained under
+    autocast, float16 through a gradient scaler; the caller's decoder stays untouched."""
+    ae, h, x_ok, mask = adaptation_inputs()
+    _, full = adapt_decoder(ae.decoder, h, x_ok, mask, steps=40, lr=1e-4)
+    low = copy.deepcopy(ae.decoder).to(dtype)
+    before = {k: v.clone() for k, v in low.state_dict().items()}
+    out, losses = adapt_decoder(low, h.to(dtype), x_ok.to(dtype), mask.to(dtype), steps=40, lr=1e-4)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert full[-1] < 0.8 * full[0]
+    assert abs(losses[-1] / full[-1] - 1) < 0.15, (losses[-1], full[-1])
+    for k, v in low.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_batched_adaptation_on_cuda_matches_one_at_a_time():
+    ae, h, x_ok, mask = adaptation_inputs(b=2)
+    x_ok = x_ok.flip(0)  # the two images differ in their targets too
+    out, losses = adapt_decoders(ae.decoder, h, x_ok, mask, steps=6, lr=3e-4)
+    for i in range(2):
+        alone, alone_losses = adapt_decoder(ae.decoder, h[i:i + 1], x_ok[i:i + 1], mask[i:i + 1],
+                                            steps=6, lr=3e-4)
+        assert max_abs(out[i], alone[0]) < 1e-4
+        assert np.allclose(losses[i], alone_losses, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("extra", [["--dtype", "float16"], ["--batch-size", "2", "--compile"]])
+def test_sample_on_cuda_is_close_to_cpu(tmp_path, inputs, extra):  # noqa: F811
+    """The command end to end on the GPU: same files as on the CPU, and the images within a few
+    levels of 255 (float16, or batching plus compiled kernels, change only rounding)."""
+    assert run(inputs, tmp_path / "cpu").returncode == 0
+    r = run(inputs, tmp_path / "gpu", "--device", str(CUDA), *extra)
+    assert r.returncode == 0, r.stderr
+    cpu, gpu = files(tmp_path / "cpu"), files(tmp_path / "gpu")
+    assert sorted(cpu) == sorted(gpu)
+    for name in cpu:
+        a = np.asarray(Image.open(BytesIO(cpu[name])), np.int16)
+        b = np.asarray(Image.open(BytesIO(gpu[name])), np.int16)
+        if "ground_truth" in name:
+            assert np.array_equal(a, b), name  # the masks are placed by seeded numpy, not torch
+        else:
+            assert np.abs(a - b).mean() < 3, name
