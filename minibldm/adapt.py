@@ -19,15 +19,15 @@ clears the autocast cache after each optimizer step.
 
 PRECISION. The trained copy is always float32 (its "master" weights). A bfloat16 or float16
 decoder (sample --dtype) is adapted as a float32 copy under autocast to its dtype (but see
-adapt_decoders, which vmap keeps in float32): trained in
-bfloat16 directly, AdamW's steps of lr 1e-4 are mostly below bfloat16's resolution of the weights,
-and on the tiny model's pill image the final loss ended 50% above float32's (+4% with float32
-master weights). float16 adds a gradient scaler, since the loss's per-pixel gradients are
-smaller than float16 resolves. The scaler starts high and skips each update whose gradients
-overflowed, halving its scale; a skipped update is done again at the lower scale rather than
-counted, so `steps` is always the number of real updates, as in float32 (counted, the first
-steps were lost: in a 3-step test, 2 of the 3). Under any autocast, the output head (norm_out, conv_out: a small
-share of the work) runs in float32, so the loss sees an unrounded image (+2%, down from +4%).
+adapt_decoders, which vmap keeps in float32): trained in bfloat16 directly, AdamW's steps of
+lr 1e-4 are mostly below bfloat16's resolution of the weights, and on the tiny model's pill
+image the final loss ended 50% above float32's (+4% with float32 master weights). float16 adds a
+gradient scaler, since the loss's per-pixel gradients are smaller than float16 resolves. The
+scaler starts high and skips each update whose gradients overflowed, halving its scale; a
+skipped update is done again at the lower scale rather than counted, so `steps` is always the
+number of real updates, as in float32 (counted, the first steps were lost: in a 3-step test, 2
+of the 3). Under any autocast, the output head (norm_out, conv_out: a small share of the work)
+runs in float32, so the loss sees an unrounded image (+2%, down from +4%).
 See docs/BENCHMARKS.md.
 
 MEMORY. The gradients are dropped (set to None) right after each optimizer step rather than just
@@ -37,7 +37,7 @@ activations, which is where the adaptation's memory peaks. The results are the s
 adapt_decoder (one image, eager, images of at least 256 x 256) has its copy's ResnetBlocks
 recompute their GroupNorm outputs in the backward pass rather than keep them
 (autoencoder.norm_silu): the whole method's peak at SD 1.5 size, 256 px, float32, fell from 7.45
-to 7.11 GiB, and an iteration takes about 9% longer (median of six pairs of runs timed in turn;
+to 7.11 GiB, and an iteration takes 0-9% longer (median of nine pairs of runs timed in turn: 4%;
 docs/BENCHMARKS.md). Same values and gradients.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 
 # Images of at least this many pixels recompute the GroupNorm outputs (MEMORY above): measured,
-# about +9% time at SD 1.5 size and 256 px (what keeps float32 sampling under 8 GB), and +12%
+# about +4% time at SD 1.5 size and 256 px (what keeps float32 sampling under 8 GB), and +12%
 # for the tiny model's narrow decoder at 128 px, whose memory is small anyway.
 RECOMPUTE_FROM = 256 * 256
 
@@ -94,7 +94,8 @@ def _precision(decoder: nn.Module, device: torch.device):
 MAX_SKIPPED = 30
 
 
-def _update(loss: Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> bool:
+def _update(loss: Tensor, opt: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None = None) -> bool:
     """One step of every variant: backward and AdamW (through the gradient scaler, if any), then
     the gradients dropped at once (MEMORY above) and autocast's weight copies forgotten
     (AUTOCAST above). False when the scaler found overflowed gradients and skipped the update."""

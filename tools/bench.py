@@ -4,8 +4,8 @@ random weights (diffusers' networks converted by minibldm.convert, as users conv
     python tools/bench.py [--device cpu|cuda] [--size sd15|tiny] [--dtype float32 bfloat16]
                           [--parts peak step adapt adapt-trained pipeline memory sd-pipeline]
                           [--compile] [--channels-last]
-                          [--repeats 3] [--adapt-steps N] [--rounds R] [--adapt-res PX]
-                          [--adapt-blocks N ...]
+                          [--repeats 3] [--adapt-steps N] [--rounds R] [--keep-norms]
+                          [--adapt-res PX] [--adapt-blocks N ...]
                           [--batch-size B ...]
                           --out BENCH.json
 
@@ -24,7 +24,7 @@ Parts (medians of --repeats timed runs after one warm-up):
             --adapt-steps iterations (200: the final losses are compared) at --adapt-res;
             --compile adds the compiled adaptation, --adapt-blocks N its opt-in faster variants;
             --rounds R runs all the variants in turn R times (speed-ups: the median of the
-            rounds' own ratios)
+            rounds' own ratios); --keep-norms adds eager without the GroupNorm recomputation
   pipeline  the whole default method for one image (minibldm.sample.defect_image, 50 steps and
             200 adaptation steps) with weights/tiny: wall time and peak memory (a subprocess's
             peak RSS on CPU, max_memory_allocated on a GPU)
@@ -254,9 +254,17 @@ def bench_adapt(args, device, results):
     def per_step(times):
         return {"median_s": statistics.median(times[1:]), "runs_s": times[1:]}
 
-    def ours(autocast: bool, blocks: int | None = None, compile: bool = False):
-        times, _, losses = timed_adaptation(ae.decoder, h, x_ok, mask, n, device, autocast,
-                                            blocks, compile)
+    def ours(autocast: bool, blocks: int | None = None, compile: bool = False,
+             keep_norms: bool = False):
+        import minibldm.adapt
+        recompute_from = minibldm.adapt.RECOMPUTE_FROM
+        if keep_norms:  # the GroupNorm outputs kept for the backward pass at any size
+            minibldm.adapt.RECOMPUTE_FROM = float("inf")
+        try:
+            times, _, losses = timed_adaptation(ae.decoder, h, x_ok, mask, n, device, autocast,
+                                                blocks, compile)
+        finally:
+            minibldm.adapt.RECOMPUTE_FROM = recompute_from
         # the first iteration (dropped from the median) holds the compile when there is one
         return {**per_step(times), "first_iteration_s": times[0]}, losses
 
@@ -282,6 +290,8 @@ def bench_adapt(args, device, results):
     # every variant, run in turn, --rounds times: a shared machine's speed drifts by 10-20%
     # over minutes, so each round's ratios compare variants timed minutes apart at most
     variants = {"diffusers_float32": theirs, "minibldm_float32": lambda: ours(False)}
+    if args.keep_norms:
+        variants["minibldm_float32_keep_norms"] = lambda: ours(False, keep_norms=True)
     if args.compile:
         variants["minibldm_compiled_float32"] = lambda: ours(False, compile=True)
     for b in args.adapt_blocks or ():
@@ -322,7 +332,8 @@ def bench_adapt(args, device, results):
         extra = (f" ({row[k]['speedup_vs_diffusers_float32']:.2f}x diffusers, per round "
                  + ", ".join(f"{x:.2f}" for x in row[k]["speedup_vs_diffusers_float32_per_round"])
                  + ")") if k.startswith("minibldm_") else ""
-        print(f"adapt {k}: {row[k]['median_s']:.3f} s/iteration{extra}", file=sys.stderr, flush=True)
+        print(f"adapt {k}: {row[k]['median_s']:.3f} s/iteration{extra}", file=sys.stderr,
+              flush=True)
     results["adapt"] = row
 
 
@@ -478,7 +489,8 @@ def sd_method_runs(args, device, length: str):
                                     args.size, str(b)], capture_output=True, text=True, check=True)
                 row = json.loads(r.stdout.strip().splitlines()[-1])
                 row.update(batch=b, seconds_per_image=row["seconds"] / b)
-                name = dtype + ("_compiled" if mode == "compile" else "") + (f"_batch{b}" if b > 1 else "")
+                name = (dtype + ("_compiled" if mode == "compile" else "")
+                        + (f"_batch{b}" if b > 1 else ""))
                 rows[name] = row
     return rows
 
@@ -538,6 +550,9 @@ def main(argv=None) -> int:
     p.add_argument("--adapt-steps", type=int, metavar="N",
                    help="adaptation iterations per variant (default repeats + 1); with 200, the "
                    "final losses compare the way issue 7 asks")
+    p.add_argument("--keep-norms", action="store_true",
+                   help="adapt part: also time the eager adaptation without recomputing its "
+                   "GroupNorm outputs (adapt.RECOMPUTE_FROM)")
     p.add_argument("--rounds", type=int, default=1, metavar="R",
                    help="adapt part: run every variant in turn R times; medians over the rounds")
     p.add_argument("--adapt-res", type=int, metavar="PX",
