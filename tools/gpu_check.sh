@@ -30,7 +30,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! python3 -c "import diffusers" 2>/dev/null; then  # the GPU machine's image has no diffusers
     if ! ls .whl/diffusers-*.whl >/dev/null 2>&1; then
         echo "gpu_check: diffusers is not installed and .whl/ holds no wheel of it" \
-             "(docs/BENCHMARKS.md, 'On a lent GPU')" >&2
+             "(docs/BENCHMARKS.md, 'On a GPU')" >&2
         exit 2
     fi
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 2
