@@ -14,13 +14,12 @@ from io import BytesIO
 import numpy as np
 import pytest
 import torch
-from conftest import max_abs, randomize
+from conftest import max_abs
 from PIL import Image
 from test_sample import files, inputs, run  # noqa: F401 (inputs is a fixture)
-from test_sampler import AE, guided_nets
+from test_sampler import adaptation_case, guided_nets
 
 from minibldm.adapt import adapt_decoder, adapt_decoders
-from minibldm.autoencoder import Autoencoder
 from minibldm.sample import compile_frozen
 from minibldm.sampler import guided_eps
 
@@ -63,21 +62,9 @@ def test_compiled_guided_step_on_cuda_matches_eager():
         assert max_abs(fused(zz, tt), want) < 1e-4 * max(1.0, want.abs().max().item())
 
 
-def adaptation_inputs(b=1):
-    torch.manual_seed(0)
-    ae = randomize(Autoencoder(AE), 3).eval().requires_grad_(False).to(CUDA)
-    g = torch.Generator().manual_seed(1)
-    h = ae.decoder_input(torch.randn(b, 4, 4, 4, generator=g).to(CUDA)).detach()
-    with torch.no_grad():
-        x_ok = (0.8 * ae.decoder(h) + 0.2).clamp(-1, 1)
-    mask = torch.zeros(b, 1, 32, 32, device=CUDA)
-    mask[..., 8:20, 8:20] = 1
-    return ae, h, x_ok, mask
-
-
 def test_compiled_adaptation_on_cuda_matches_eager():
     """The whole decoder, forward + backward through inductor's Triton kernels."""
-    ae, h, x_ok, mask = adaptation_inputs()
+    ae, h, x_ok, mask = adaptation_case(device=CUDA)
     eager, eager_losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=8, lr=3e-4)
     fused, fused_losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=8, lr=3e-4, compile=True)
     assert max_abs(eager, fused) < 1e-4
@@ -89,7 +76,7 @@ def test_compiled_adaptation_on_cuda_matches_eager():
 def test_low_precision_decoder_adaptation_on_cuda_follows_float32(dtype):
     """sample --dtype float16 (the GPU default for memory): a float32 copy trained under
     autocast, float16 through a gradient scaler; the caller's decoder stays untouched."""
-    ae, h, x_ok, mask = adaptation_inputs()
+    ae, h, x_ok, mask = adaptation_case(device=CUDA)
     _, full = adapt_decoder(ae.decoder, h, x_ok, mask, steps=40, lr=1e-4)
     low = copy.deepcopy(ae.decoder).to(dtype)
     before = {k: v.clone() for k, v in low.state_dict().items()}
@@ -102,7 +89,7 @@ def test_low_precision_decoder_adaptation_on_cuda_follows_float32(dtype):
 
 
 def test_batched_adaptation_on_cuda_matches_one_at_a_time():
-    ae, h, x_ok, mask = adaptation_inputs(b=2)
+    ae, h, x_ok, mask = adaptation_case(2, CUDA)
     x_ok = x_ok.flip(0)  # the two images differ in their targets too
     out, losses = adapt_decoders(ae.decoder, h, x_ok, mask, steps=6, lr=3e-4)
     for i in range(2):

@@ -21,6 +21,20 @@ UN = UNetConfig(model_channels=16, channel_mult=(1, 2), attention_resolutions=(2
 AC = alphas_cumprod()
 
 
+def adaptation_case(b: int = 1, device: str | torch.device = "cpu"):
+    """A small random autoencoder (frozen, as loaded for sampling) and b images to adapt its
+    decoder on: the decoder's input h, a target x_ok near its own output, a square defect mask."""
+    torch.manual_seed(0)
+    ae = randomize(Autoencoder(AE), 3).eval().requires_grad_(False).to(device)
+    g = torch.Generator().manual_seed(1)
+    h = ae.decoder_input(torch.randn(b, 4, 4, 4, generator=g).to(device)).detach()
+    with torch.no_grad():
+        x_ok = (0.8 * ae.decoder(h) + 0.2).clamp(-1, 1)
+    mask = torch.zeros(b, 1, 32, 32, device=device)
+    mask[..., 8:20, 8:20] = 1
+    return ae, h, x_ok, mask
+
+
 def guided_nets():
     """A small random UNet and trimap branch ready for sampling, the prompts' embeddings, a
     trimap, and the generator that drew them (for more draws)."""
@@ -281,13 +295,7 @@ def test_float16_adaptation_redoes_the_updates_its_scaler_skipped():
     `steps` updates are real and the loss follows float32's from the first one. (Counted as
     steps, 2 of these 3 updates were lost and the loss stayed at its start.) A loss that
     overflows at every scale ends in a clear error, not an endless loop."""
-    ae = randomize(Autoencoder(AE), 3).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(1)
-    h = ae.decoder_input(torch.randn(1, 4, 4, 4, generator=g)).detach()
-    with torch.no_grad():
-        x_ok = (0.8 * ae.decoder(h) + 0.2).clamp(-1, 1)
-    mask = torch.zeros(1, 1, 32, 32)
-    mask[..., 8:20, 8:20] = 1
+    ae, h, x_ok, mask = adaptation_case()
     _, full = adapt_decoder(ae.decoder, h, x_ok, mask, steps=3, lr=1e-4)
     low = copy.deepcopy(ae.decoder).half()
     _, half = adapt_decoder(low, h.half(), x_ok.half(), mask.half(), steps=3, lr=1e-4)
