@@ -30,6 +30,7 @@ from torch import nn
 
 from .attention import attention
 from .config import AutoencoderConfig
+from .conv import upsample_conv
 
 
 def norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -101,14 +102,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
+    """Nearest-neighbour x2, then a 3x3 conv (computed on the input grid on a CPU: conv.py)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv(x, self.conv)
 
 
 def res_blocks(c_in: int, c_out: int, n: int, with_attn: bool,

@@ -76,6 +76,22 @@ def test_kl_matches_diffusers():
     assert max_abs(ours.decode(z), theirs.decode(z / 0.5).sample) <= 1e-5
 
 
+@torch.no_grad()
+def test_upsampling_route_matches_diffusers(monkeypatch):
+    """The decoder's upsampling convolutions computed on the input grid (conv.upsample_conv3x3,
+    forced onto every one of the tiny model's) still match diffusers."""
+    import minibldm.conv as conv
+    monkeypatch.setattr(conv, "UPSAMPLE_MIN_CHANNELS", 1)
+    calls = []
+    real = conv.upsample_conv3x3
+    monkeypatch.setattr(conv, "upsample_conv3x3", lambda *a: calls.append(1) or real(*a))
+    theirs = perturbed(diffusers.AutoencoderKL(**diffusers_kwargs(TINY_KL)))
+    ours = ours_from(theirs, TINY_KL)
+    z = torch.randn(2, 4, 8, 8)
+    assert max_abs(ours.decode(z), theirs.decode(z / 0.5).sample) <= 1e-5
+    assert len(calls) == len(TINY_KL.ch_mult) - 1  # every upsampling level took the route
+
+
 def test_old_diffusers_attention_names():
     sd = diffusers.AutoencoderKL(**diffusers_kwargs(TINY_KL)).state_dict()
     old = {k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.")

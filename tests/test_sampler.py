@@ -327,6 +327,41 @@ def test_adaptation_recomputes_norms_from_256_pixels_on(monkeypatch):
     assert not getattr(ae.decoder.up[0].block[0], "recompute")  # the caller's decoder: untouched
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_adaptation_runs_channels_last_from_256_pixels_on(monkeypatch, compiled):
+    """On a CPU the adaptation's copy and its activations are channels-last for images of at least
+    256 x 256 pixels (speed, adapt.CHANNELS_LAST_FROM), and the losses follow the default order's.
+    The compiled case lowers the threshold to the small image, so the compile stays short."""
+    import minibldm.adapt as adapt
+    assert adapt.CHANNELS_LAST_FROM == 256 * 256
+    ae = randomize(Autoencoder(AE), 3).eval()
+    seen = []
+    ae.decoder.up[0].block[0].conv1.register_forward_pre_hook(  # deepcopy copies the hook
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                    and m.weight.is_contiguous(memory_format=torch.channels_last)))
+    sizes = [(4, True)] if compiled else [(4, False), (32, True)]  # 32 px and 256 px images
+    if compiled:
+        monkeypatch.setattr(adapt, "CHANNELS_LAST_FROM", 32 * 32)
+    for latent, want in sizes:
+        g = torch.Generator().manual_seed(latent)
+        h = ae.decoder_input(torch.randn(1, 4, latent, latent, generator=g)).detach()
+        with torch.no_grad():
+            x_ok = (0.8 * ae.decoder(h) + 0.2).clamp(-1, 1)
+        mask = torch.zeros(1, 1, latent * 8, latent * 8)
+        mask[..., : latent * 2, : latent * 2] = 1
+        seen.clear()
+        out, losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=3, compile=compiled)
+        assert compiled or (seen and all(s == want for s in seen[1:])), (latent, seen)
+        assert out.is_contiguous()
+        with monkeypatch.context() as m:
+            m.setattr(adapt, "CHANNELS_LAST_FROM", float("inf"))
+            ref_out, ref = adapt_decoder(ae.decoder, h, x_ok, mask, steps=3,
+                                         compile=compiled)
+        assert losses[-1] < 0.9 * losses[0], losses
+        assert np.allclose(losses, ref, rtol=1e-5, atol=0), (latent, losses, ref)
+        assert max_abs(out, ref_out) <= 1e-4
+
+
 def test_output_head_runs_in_float32_under_autocast():
     from minibldm.adapt import run_stages
     ae = randomize(Autoencoder(AE), 3).eval()
