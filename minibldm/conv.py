@@ -1,5 +1,6 @@
 """Two faster routes to the same 3x3 convolutions on a CPU: the UNet's big weights on small
-grids (Conv2d below), and the autoencoder's upsample-then-convolve (upsample_conv3x3 at the end).
+grids (Conv2d, just below), and the autoencoder's upsample-then-convolve (upsample_conv, at the
+end). Elsewhere (a GPU: not measured there yet) the layers run as written.
 
 At the SD 1.5 UNet's coarsest levels (8x8 and 4x4 latent cells for a 256 px image) a 3x3
 convolution has 1280 to 2560 input channels, weights of 15 to 29 million numbers, and only 16 or
@@ -59,9 +60,9 @@ class Conv2d(nn.Conv2d):
 # over the input grid, one per output phase, with kernels folded from the 3x3 one: 16 multiplies per
 # input pixel and channel pair instead of 36, the same sums in another order. The fold is linear
 # in the weight, so gradients reach the 3x3 kernel through it (the decoder adaptation trains it).
-# At SD 1.5 size the decoder's three upsampling convolutions are 28% of its work. Measured in
-# docs/BENCHMARKS.md: with fewer than 128 channels the smaller convolutions run less efficiently
-# and the route loses, so it starts there.
+# At SD 1.5 size the decoder's three upsampling convolutions are 28% of its work. Measured with
+# tools/measure_upsample.py (docs/BENCHMARKS.md): below 128 channels, on small grids, the 2x2
+# convolutions run too inefficiently and the route loses, so it starts at 128.
 UPSAMPLE_MIN_CHANNELS = 128
 FOLD = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))  # [phase][tap][row]
 

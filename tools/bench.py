@@ -4,7 +4,7 @@ random weights (diffusers' networks converted by minibldm.convert, as users conv
     python tools/bench.py [--device cpu|cuda] [--size sd15|tiny] [--dtype float32 bfloat16]
                           [--parts peak step adapt adapt-trained pipeline memory sd-pipeline]
                           [--compile] [--channels-last]
-                          [--repeats 3] [--adapt-steps N] [--rounds R] [--keep-norms]
+                          [--repeats 3] [--adapt-steps N] [--rounds R] [--keep-norms] [--ablate]
                           [--adapt-res PX] [--adapt-blocks N ...]
                           [--batch-size B ...]
                           --out BENCH.json
@@ -24,7 +24,8 @@ Parts (medians of --repeats timed runs after one warm-up):
             --adapt-steps iterations (200: the final losses are compared) at --adapt-res;
             --compile adds the compiled adaptation, --adapt-blocks N its opt-in faster variants;
             --rounds R runs all the variants in turn R times (speed-ups: the median of the
-            rounds' own ratios); --keep-norms adds eager without the GroupNorm recomputation
+            rounds' own ratios); --keep-norms adds eager without the GroupNorm recomputation;
+            --ablate adds eager without each of adapt.py's SPEED changes, and without all three
   pipeline  the whole default method for one image (minibldm.sample.defect_image, 50 steps and
             200 adaptation steps) with weights/tiny: wall time and peak memory (a subprocess's
             peak RSS on CPU, max_memory_allocated on a GPU)
@@ -255,16 +256,26 @@ def bench_adapt(args, device, results):
         return {"median_s": statistics.median(times[1:]), "runs_s": times[1:]}
 
     def ours(autocast: bool, blocks: int | None = None, compile: bool = False,
-             keep_norms: bool = False):
+             keep_norms: bool = False, without: tuple[str, ...] = ()):
         import minibldm.adapt
-        recompute_from = minibldm.adapt.RECOMPUTE_FROM
-        if keep_norms:  # the GroupNorm outputs kept for the backward pass at any size
-            minibldm.adapt.RECOMPUTE_FROM = float("inf")
+        import minibldm.conv
+        # switches: the norms kept for the backward pass at any size (keep_norms), and the three
+        # speed changes of adapt.py's SPEED that --ablate turns off
+        switches = {"recompute": (minibldm.adapt, "RECOMPUTE_FROM", float("inf")),
+                    "upsample": (minibldm.conv, "UPSAMPLE_MIN_CHANNELS", float("inf")),
+                    "channels_last": (minibldm.adapt, "CHANNELS_LAST_FROM", float("inf")),
+                    "fused": (minibldm.adapt, "_adamw",
+                              lambda params, lr: torch.optim.AdamW(params, lr=lr))}
+        off = (("recompute",) if keep_norms else ()) + without
+        saved = {k: getattr(switches[k][0], switches[k][1]) for k in off}
         try:
+            for k in off:
+                setattr(switches[k][0], switches[k][1], switches[k][2])
             times, _, losses = timed_adaptation(ae.decoder, h, x_ok, mask, n, device, autocast,
                                                 blocks, compile)
         finally:
-            minibldm.adapt.RECOMPUTE_FROM = recompute_from
+            for k, v in saved.items():
+                setattr(switches[k][0], switches[k][1], v)
         # the first iteration (dropped from the median) holds the compile when there is one
         return {**per_step(times), "first_iteration_s": times[0]}, losses
 
@@ -292,6 +303,11 @@ def bench_adapt(args, device, results):
     variants = {"diffusers_float32": theirs, "minibldm_float32": lambda: ours(False)}
     if args.keep_norms:
         variants["minibldm_float32_keep_norms"] = lambda: ours(False, keep_norms=True)
+    if args.ablate:  # eager float32 without each speed change of adapt.py's SPEED, and without all
+        for off in (("upsample",), ("channels_last",), ("fused",),
+                    ("upsample", "channels_last", "fused")):
+            name = "minibldm_float32_without_" + "_".join(off)
+            variants[name] = lambda off=off: ours(False, without=off)
     if args.compile:
         variants["minibldm_compiled_float32"] = lambda: ours(False, compile=True)
     for b in args.adapt_blocks or ():
@@ -553,6 +569,10 @@ def main(argv=None) -> int:
     p.add_argument("--keep-norms", action="store_true",
                    help="adapt part: also time the eager adaptation without recomputing its "
                    "GroupNorm outputs (adapt.RECOMPUTE_FROM)")
+    p.add_argument("--ablate", action="store_true",
+                   help="adapt part: also time the eager float32 adaptation without each of "
+                   "adapt.py's SPEED changes (upsampling route, channels-last, fused AdamW) and "
+                   "without all three")
     p.add_argument("--rounds", type=int, default=1, metavar="R",
                    help="adapt part: run every variant in turn R times; medians over the rounds")
     p.add_argument("--adapt-res", type=int, metavar="PX",
