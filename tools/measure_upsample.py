@@ -11,12 +11,11 @@ route's speed-up. Batch 1, float32, the current device's threads (a CPU by defau
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from bench import timed  # tools/bench.py, beside this file
 
 from minibldm.conv import upsample_conv3x3
 
@@ -25,14 +24,13 @@ def plain(x, w, b):
     return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=1)
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def forward(fn, x, w, b, up):
+    with torch.no_grad():
+        fn(x, w, b)
+
+
+def backward(fn, x, w, b, up):  # forward and both gradients
+    torch.autograd.grad(fn(x, w, b), (x, w, b), up)
 
 
 def main(argv=None) -> int:
@@ -56,16 +54,8 @@ def main(argv=None) -> int:
             w.requires_grad_()
             b = torch.randn(c, generator=g, requires_grad=True)
             up = torch.randn(1, c, 2 * s, 2 * s, generator=g).contiguous(memory_format=fmt)
-            row = []
-            for grad in (False, True):
-                for fn in (plain, upsample_conv3x3):
-                    if grad:
-                        def backward(fn=fn):
-                            return torch.autograd.grad(fn(x, w, b), (x, w, b), up)
-                        row.append(median_ms(backward, args.repeats))
-                    else:
-                        with torch.no_grad():
-                            row.append(median_ms(lambda: fn(x, w, b), args.repeats))
+            row = [1e3 * timed(lambda: step(fn, x, w, b, up), x.device, args.repeats)["median_s"]
+                   for step in (forward, backward) for fn in (plain, upsample_conv3x3)]
             print(f"| {c} | {s}² | {row[0]:.1f} / {row[1]:.1f} | {row[0] / row[1]:.2f}× "
                   f"| {row[2]:.1f} / {row[3]:.1f} | {row[2] / row[3]:.2f}× |", flush=True)
     return 0
