@@ -65,3 +65,37 @@ def test_per_type_table_is_mean_and_std_per_defect_type():
     sd = statistics.stdev([0.1, 0.3])
     assert lines[2] == "| crack | " + " | ".join([f"0.200 ± {sd:.3f}"] * 4) + " |"
     assert lines[3] == "| hole | " + " | ".join([f"0.400 ± {2 * sd:.3f}"] * 4) + " |"
+
+
+def test_fg_weight_variant_runs_minibldm_under_its_own_label_and_reuses_the_baselines(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, log):  # stands in for `python -m minibldm.evaluate`: writes its --out file
+        cmd = [str(c) for c in cmd]
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.write_text('{"method": "%s"}' % cmd[cmd.index("--method") + 1])
+    monkeypatch.setattr(bench, "run", fake_run)
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "perlin.json").write_text('{"method": "perlin", "kept": true}')  # an earlier call's
+    methods = bench.METHODS[:-1] + ("minibldm_fg100",)
+    results = bench.evaluate(tmp_path, tmp_path / "split.json", [tmp_path / "gen_fg100"], out, 5,
+                             0, "cpu", tmp_path / "log", methods)
+    assert list(results) == list(methods)
+    assert results["perlin"] == {"method": "perlin", "kept": True}  # reused, not run again
+    ran = {c[c.index("--out") + 1]: c for c in calls}
+    assert sorted(Path(k).name for k in ran) == ["crop-paste.json", "minibldm_fg100.json", "real-only.json"]
+    ours = ran[str(out / "minibldm_fg100.json")]
+    assert ours[ours.index("--method") + 1] == "minibldm"
+    assert ours[ours.index("--generated") + 1] == str(tmp_path / "gen_fg100")
+    assert all("--generated" not in c for k, c in ran.items() if k != str(out / "minibldm_fg100.json"))
+
+
+def test_bad_fg_weight_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "cat" / "train" / "good").mkdir(parents=True)
+    assert bench.main(["--data", str(tmp_path / "cat"), "--fg-weight", "0",
+                       "--work", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "--fg-weight" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()

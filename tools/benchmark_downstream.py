@@ -3,7 +3,7 @@
 real parts, against the baselines a user would otherwise pick?
 
     python tools/benchmark_downstream.py [--quick] [--data DIR] [--work DIR] [--seeds 0 1 2]
-        [--init weights/tiny|none]
+        [--init weights/tiny|none] [--fg-weight W]
 
 For each seed, on one real category (default ../shared/data/magnetic_tile, a surface):
   1. the generator: the pretrained tiny model (weights/tiny, trained on minibldm's synthetic
@@ -20,9 +20,12 @@ For each seed, on one real category (default ../shared/data/magnetic_tile, a sur
   4. `python -m minibldm.genquality` on the generated images.
 Then the mean ± std over seeds goes to WORK/MODE/summary.json and summary.md (the table for
 docs/RESULTS.md): the spread covers the split, the generator's training, generation and the
-detector. Every step resumes: run the same command again after an interruption. --quick (one
-seed, 100 steps per stage, 2 images per type) checks the whole chain in about 10 minutes on 2
-CPU cores; its numbers say nothing about quality.
+detector. --fg-weight W generates with the sampler's --fg-weight W instead of its default (1);
+its images, detector results and summary_fgW files sit beside the default's, and the seeds'
+generators and baseline detectors are reused when they exist. Every step resumes: run the same
+command again after an interruption. --quick (one seed, 100 steps per stage, 2 images per
+type) checks the whole chain in about 10 minutes on 2 CPU cores; its numbers say nothing about
+quality.
 """
 from __future__ import annotations
 
@@ -98,29 +101,31 @@ def training_masks(data: Path, split: dict, out: Path) -> dict[str, Path]:
 
 
 def generate(model: Path, data: Path, masks: dict, out: Path, seed: int, n: int, device: str,
-             log: Path) -> list[Path]:
+             log: Path, fg_weight: float) -> list[Path]:
     outs = []
     for name, folder in masks.items():
         target = out / name
         run([sys.executable, "-m", "minibldm.sample", "--weights", model,
              "--images", data / "train" / "good", "--defect-masks", folder, "--texture",
              "--object", "magnetic tile", "--defect", name, "-n", n, "--batch-size", min(n, 5),
-             "--out", target, "--seed", seed, "--device", device, "--quiet"], log)
+             "--out", target, "--seed", seed, "--device", device, "--fg-weight", fg_weight, "--quiet"], log)
         outs.append(target)
     return outs
 
 
 def evaluate(data: Path, split_file: Path, generated: list, out: Path, steps: int, seed: int,
-             device: str, log: Path) -> dict:
+             device: str, log: Path, methods: tuple = METHODS) -> dict:
+    """Each method's detector result (the last of `methods` is minibldm's, under its label)."""
     results = {}
-    for method in METHODS:
-        result = out / f"{method}.json"
+    for label in methods:
+        method = "minibldm" if label == methods[-1] else label
+        result = out / f"{label}.json"
         if not result.is_file():
             extra = ["--generated", *generated] if method == "minibldm" else []
             run([sys.executable, "-m", "minibldm.evaluate", "--data", data, "--texture",
                  "--method", method, "--split", split_file, "--seed", seed, "--steps", steps,
                  "--device", device, "--out", result, *extra], log)
-        results[method] = json.loads(result.read_text())
+        results[label] = json.loads(result.read_text())
     return results
 
 
@@ -130,28 +135,28 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def summarise(per_seed: dict, metrics: list[str]) -> tuple[dict, str]:
+def summarise(per_seed: dict, metrics: list[str], methods: tuple = METHODS) -> tuple[dict, str]:
     """Mean ± sample std over seeds of each method's mean-over-defect-types metrics."""
     summary = {}
-    for method in METHODS:
+    for method in methods:
         rows = [r[method]["mean"] for r in per_seed.values()]
         summary[method] = {m: dict(zip(("mean", "std"), mean_std([row[m] for row in rows])))
                            for m in metrics}
     head = "| method | " + " | ".join(m.replace("_", " ") for m in metrics) + " |"
     lines = [head, "|" + "---|" * (len(metrics) + 1)]
-    for method in METHODS:
+    for method in methods:
         cells = [f"{summary[method][m]['mean']:.3f} ± {summary[method][m]['std']:.3f}" for m in metrics]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return summary, "\n".join(lines) + "\n"
 
 
-def per_type_table(per_seed: dict, metric: str) -> str:
+def per_type_table(per_seed: dict, metric: str, methods: tuple = METHODS) -> str:
     """Rows: defect types; columns: methods; cells: mean ± sample std over seeds of `metric`."""
     types = sorted(next(iter(per_seed.values()))["real-only"]["per_type"])
-    lines = ["| defect | " + " | ".join(METHODS) + " |", "|" + "---|" * (len(METHODS) + 1)]
+    lines = ["| defect | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
     for t in types:
         cells = []
-        for method in METHODS:
+        for method in methods:
             m, sd = mean_std([r[method]["per_type"][t][metric] for r in per_seed.values()])
             cells.append(f"{m:.3f} ± {sd:.3f}")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
@@ -169,6 +174,10 @@ def main(argv=None) -> int:
                    "pretrained tiny model); 'none' trains it from scratch")
     p.add_argument("--quick", action="store_true", help="one seed, few steps: checks the chain")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--fg-weight", type=float, default=1.0, metavar="W",
+                   help="the sampler's --fg-weight (default 1, its default). Another value gets "
+                   "its own generated_fgW folders, result files and summary_fgW files beside the "
+                   "default's, and reuses the seeds' generators and baseline detectors")
     args = p.parse_args(argv)
     data = Path(args.data)
     if not (data / "train" / "good").is_dir():
@@ -178,7 +187,12 @@ def main(argv=None) -> int:
     if init and not (init / "config.json").is_file():
         print(f"benchmark_downstream: --init {init}: no config.json there", file=sys.stderr)
         return 2
+    if not args.fg_weight > 0:
+        print(f"benchmark_downstream: --fg-weight {args.fg_weight}: must be positive", file=sys.stderr)
+        return 2
     mode = "quick" if args.quick else "full"
+    tag = "" if args.fg_weight == 1.0 else f"_fg{args.fg_weight:g}"
+    methods = METHODS[:-1] + ("minibldm" + tag,)
     s, seeds = STEPS[mode], args.seeds or ([0] if args.quick else [0, 1, 2])
     work = Path(args.work) / mode
     work.mkdir(parents=True, exist_ok=True)
@@ -192,32 +206,34 @@ def main(argv=None) -> int:
         split_file = model / "split.json"
         masks = training_masks(data, json.loads(split_file.read_text()), sw / "train_masks")
         print(f"== seed {seed}: generating {s['n']} images per defect type", flush=True)
-        generated = generate(model, data, masks, sw / "generated", seed, s["n"], args.device, log)
-        print(f"== seed {seed}: evaluating {', '.join(METHODS)}", flush=True)
+        generated = generate(model, data, masks, sw / f"generated{tag}", seed, s["n"], args.device,
+                             log, args.fg_weight)
+        print(f"== seed {seed}: evaluating {', '.join(methods)}", flush=True)
         per_seed[seed] = evaluate(data, split_file, generated, sw / "eval", s["detector"], seed,
-                                  args.device, log)
-        gq = sw / "genquality.json"
+                                  args.device, log, methods)
+        gq = sw / f"genquality{tag}.json"
         if not gq.is_file():
             run([sys.executable, "-m", "minibldm.genquality", "--data", data, "--texture",
                  "--split", split_file, "--generated", *generated, "--out", gq], log)
         quality[seed] = json.loads(gq.read_text())
         walls[seed] = time.time() - t0
     metrics = list(next(iter(per_seed.values()))["real-only"]["mean"])
-    summary, table = summarise(per_seed, metrics)
+    summary, table = summarise(per_seed, metrics, methods)
     import torch
-    info = {"mode": mode, "seeds": seeds,
+    info = {"mode": mode, "seeds": seeds, "fg_weight": args.fg_weight,
             "init": str(init) if init else None, "steps": s, "data": str(data.resolve()),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "wall_s": round(time.time() - start), "wall_s_this_call": walls}
-    (work / "summary.json").write_text(json.dumps(
+    (work / f"summary{tag}.json").write_text(json.dumps(
         {"info": info, "summary": summary, "per_seed": per_seed, "genquality": quality}, indent=1) + "\n")
-    (work / "summary.md").write_text(
-        f"Downstream detection on {data.name}, {mode} mode, seeds {seeds} (a generator, a split "
+    (work / f"summary{tag}.md").write_text(
+        f"Downstream detection on {data.name}, {mode} mode, seeds {seeds}, sampler --fg-weight "
+        f"{args.fg_weight:g} (a generator, a split "
         f"and a detector per seed), mean ± std over seeds of the mean over defect types.\n\n" + table
-        + "".join(f"\nPer defect type, {m.replace('_', ' ')}:\n\n" + per_type_table(per_seed, m)
+        + "".join(f"\nPer defect type, {m.replace('_', ' ')}:\n\n" + per_type_table(per_seed, m, methods)
                   for m in ("pixel_ap", "image_auroc")))
-    print(table + f"\nwrote {work / 'summary.json'} and {work / 'summary.md'} "
+    print(table + f"\nwrote {work / f'summary{tag}.json'} and {work / f'summary{tag}.md'} "
           f"({info['wall_s']} s this call)")
     return 0
 
