@@ -92,10 +92,23 @@ def test_fg_weight_variant_runs_minibldm_under_its_own_label_and_reuses_the_base
     assert all("--generated" not in c for k, c in ran.items() if k != str(out / "minibldm_fg100.json"))
 
 
-def test_bad_fg_weight_is_one_line_and_exit_2(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--fg-weight", "--defect-weight"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_bad_weight_is_one_line_and_exit_2(tmp_path, capsys, flag, value):
     (tmp_path / "cat" / "train" / "good").mkdir(parents=True)
-    assert bench.main(["--data", str(tmp_path / "cat"), "--fg-weight", "0",
+    assert bench.main(["--data", str(tmp_path / "cat"), flag, value,
                        "--work", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
-    assert "--fg-weight" in err and len(err.strip().splitlines()) == 1
+    assert flag in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "w").exists()
+
+
+def test_defect_weight_reaches_every_training_stage(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "run", lambda cmd, log: calls.append([str(c) for c in cmd]))
+    last = bench.train_model(tmp_path / "data", tmp_path / "gen", 0, bench.STEPS["quick"],
+                             tmp_path / "init", "cpu", tmp_path / "log", defect_weight=8.0)
+    stages = [c[c.index("--stage") + 1] for c in calls]
+    assert stages == ["autoencoder", "text", "control"]
+    assert all(c[c.index("--defect-weight") + 1] == "8.0" for c in calls)
+    assert last == tmp_path / "gen" / "control"

@@ -3,7 +3,7 @@
 real parts, against the baselines a user would otherwise pick?
 
     python tools/benchmark_downstream.py [--quick] [--data DIR] [--work DIR] [--seeds 0 1 2]
-        [--init weights/tiny|none] [--fg-weight W]
+        [--init weights/tiny|none] [--defect-weight W] [--fg-weight W]
 
 For each seed, on one real category (default ../shared/data/magnetic_tile, a surface):
   1. the generator: the pretrained tiny model (weights/tiny, trained on minibldm's synthetic
@@ -20,9 +20,11 @@ For each seed, on one real category (default ../shared/data/magnetic_tile, a sur
   4. `python -m minibldm.genquality` on the generated images.
 Then the mean ± std over seeds goes to WORK/MODE/summary.json and summary.md (the table for
 docs/RESULTS.md): the spread covers the split, the generator's training, generation and the
-detector. --fg-weight W generates with the sampler's --fg-weight W instead of its default (1);
-its images, detector results and summary_fgW files sit beside the default's, and the seeds'
-generators and baseline detectors are reused when they exist. Every step resumes: run the same
+detector. Two variants of the generator sit beside the default's, with tagged folders, result
+and summary files, reusing the seeds' baseline detectors (and generators) that exist:
+--defect-weight W fine-tunes every stage with train's --defect-weight W (the defect's pixels
+weigh W in the losses; generator_dwW), and --fg-weight W samples with the sampler's
+--fg-weight W instead of its default 1 (generated_fgW). Every step resumes: run the same
 command again after an interruption. --quick (one seed, 100 steps per stage, 2 images per
 type) checks the whole chain in about 10 minutes on 2 CPU cores; its numbers say nothing about
 quality.
@@ -62,11 +64,12 @@ def run(cmd: list, log: Path) -> None:
 
 
 def train_model(data: Path, runs: Path, seed: int, s: dict, init: Path | None, device: str,
-                log: Path) -> Path:
+                log: Path, defect_weight: float = 1.0) -> Path:
     """The tiny-preset generator: fine-tuned from `init` (a weights folder), or trained from
-    scratch with the tiny config when `init` is None; returns the folder of its last stage."""
+    scratch with the tiny config when `init` is None; returns the folder of its last stage.
+    defect_weight: every stage's --defect-weight."""
     common = ["--data", data, "--texture", "--object", "magnetic tile", "--size", 128, "--k", 10,
-              "--seed", seed, "--device", device, "--log-every", 50]
+              "--seed", seed, "--device", device, "--log-every", 50, "--defect-weight", defect_weight]
     py = [sys.executable, "-m", "minibldm.train"]
     start = ["--weights", init] if init else ["--config", "tiny"]
     run(py + ["--stage", "autoencoder", *start, "--out", runs / "ae",
@@ -174,6 +177,9 @@ def main(argv=None) -> int:
                    "pretrained tiny model); 'none' trains it from scratch")
     p.add_argument("--quick", action="store_true", help="one seed, few steps: checks the chain")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--defect-weight", type=float, default=1.0, metavar="W",
+                   help="every training stage's --defect-weight (default 1: the plain losses). "
+                   "Another value trains its own generator_dwW per seed and tags what follows")
     p.add_argument("--fg-weight", type=float, default=1.0, metavar="W",
                    help="the sampler's --fg-weight (default 1, its default). Another value gets "
                    "its own generated_fgW folders, result files and summary_fgW files beside the "
@@ -187,11 +193,13 @@ def main(argv=None) -> int:
     if init and not (init / "config.json").is_file():
         print(f"benchmark_downstream: --init {init}: no config.json there", file=sys.stderr)
         return 2
-    if not args.fg_weight > 0:
-        print(f"benchmark_downstream: --fg-weight {args.fg_weight}: must be positive", file=sys.stderr)
-        return 2
+    for name, value in (("--defect-weight", args.defect_weight), ("--fg-weight", args.fg_weight)):
+        if not (value > 0 and math.isfinite(value)):
+            print(f"benchmark_downstream: {name} {value}: must be positive", file=sys.stderr)
+            return 2
     mode = "quick" if args.quick else "full"
-    tag = "" if args.fg_weight == 1.0 else f"_fg{args.fg_weight:g}"
+    dw_tag = "" if args.defect_weight == 1.0 else f"_dw{args.defect_weight:g}"
+    tag = dw_tag + ("" if args.fg_weight == 1.0 else f"_fg{args.fg_weight:g}")
     methods = METHODS[:-1] + ("minibldm" + tag,)
     s, seeds = STEPS[mode], args.seeds or ([0] if args.quick else [0, 1, 2])
     work = Path(args.work) / mode
@@ -202,7 +210,8 @@ def main(argv=None) -> int:
         t0, sw = time.time(), work / f"seed{seed}"
         sw.mkdir(exist_ok=True)
         print(f"== seed {seed}: training the generator on {data.name}", flush=True)
-        model = train_model(data, sw / "generator", seed, s, init, args.device, log)
+        model = train_model(data, sw / f"generator{dw_tag}", seed, s, init, args.device, log,
+                            args.defect_weight)
         split_file = model / "split.json"
         masks = training_masks(data, json.loads(split_file.read_text()), sw / "train_masks")
         print(f"== seed {seed}: generating {s['n']} images per defect type", flush=True)
@@ -220,7 +229,7 @@ def main(argv=None) -> int:
     metrics = list(next(iter(per_seed.values()))["real-only"]["mean"])
     summary, table = summarise(per_seed, metrics, methods)
     import torch
-    info = {"mode": mode, "seeds": seeds, "fg_weight": args.fg_weight,
+    info = {"mode": mode, "seeds": seeds, "defect_weight": args.defect_weight, "fg_weight": args.fg_weight,
             "init": str(init) if init else None, "steps": s, "data": str(data.resolve()),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -228,8 +237,8 @@ def main(argv=None) -> int:
     (work / f"summary{tag}.json").write_text(json.dumps(
         {"info": info, "summary": summary, "per_seed": per_seed, "genquality": quality}, indent=1) + "\n")
     (work / f"summary{tag}.md").write_text(
-        f"Downstream detection on {data.name}, {mode} mode, seeds {seeds}, sampler --fg-weight "
-        f"{args.fg_weight:g} (a generator, a split "
+        f"Downstream detection on {data.name}, {mode} mode, seeds {seeds}, training --defect-weight "
+        f"{args.defect_weight:g}, sampler --fg-weight {args.fg_weight:g} (a generator, a split "
         f"and a detector per seed), mean ± std over seeds of the mean over defect types.\n\n" + table
         + "".join(f"\nPer defect type, {m.replace('_', ' ')}:\n\n" + per_type_table(per_seed, m, methods)
                   for m in ("pixel_ap", "image_auroc")))
