@@ -1,6 +1,6 @@
 """python -m minibldm.evaluate: how much a source of training defects helps a defect detector.
 
-    python -m minibldm.evaluate --data DIR --method minibldm|crop-paste|perlin|real-only
+    python -m minibldm.evaluate --data DIR --method minibldm|minibldm+real|crop-paste|perlin|real-only
         [--generated DIR ...] [--k 10] [--seed 0] [--split FILE] [--steps 400] [--size 128]
         [--batch-size 8] [--lr 2e-3] [--texture] [--out RESULT.json]
 
@@ -21,6 +21,9 @@ Methods (training defects; minibldm/baselines.py):
               a shuffled, colour-jittered good image blended at opacity 1 - beta, beta < 0.8
   minibldm    the images of `python -m minibldm.sample` runs, --generated DIR [DIR ...]
               (OUT/test/<defect>/*.png, OUT/ground_truth/<defect>/*_mask.png, manifest.jsonl)
+  minibldm+real  both: per defect type, the k real defects and the generated ones in one pool
+              (as a user adds generated images to the real ones). Batches draw a type, then an
+              image of it, so with 10 real and 10 generated images of a type half are real
 
 Detector (minibldm/detector.py), the same for every method: a U-Net (16-32-64-128 channels)
 trained from scratch for --steps Adam steps on batches of half good training images (target all
@@ -53,7 +56,7 @@ from .data import (Category, DataError, DecodedImages, PairDataset, list_images,
                    load_or_make_split, make_split, read_category)
 from .io import file_sha256, write_result
 
-METHODS = ("minibldm", "crop-paste", "perlin", "real-only")
+METHODS = ("minibldm", "minibldm+real", "crop-paste", "perlin", "real-only")
 METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_iou", "image_auroc", "image_ap")
 PROG = "python -m minibldm.evaluate"
 
@@ -83,10 +86,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def check_args(args) -> None:
     if not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: no such folder")
-    if args.method == "minibldm" and not args.generated:
-        raise UsageError("--generated DIR is required with --method minibldm")
-    if args.generated and args.method != "minibldm":
-        raise UsageError(f"--generated is read only with --method minibldm (not {args.method})")
+    if args.method.startswith("minibldm") and not args.generated:
+        raise UsageError(f"--generated DIR is required with --method {args.method}")
+    if args.generated and not args.method.startswith("minibldm"):
+        raise UsageError("--generated is read only with --method minibldm or minibldm+real "
+                         f"(not {args.method})")
     for folder in args.generated or ():
         if not Path(folder).is_dir():
             raise UsageError(f"--generated {folder}: no such folder")
@@ -225,6 +229,10 @@ def defect_source(args, category: Category, split: dict, decoded: DecodedImages,
         return baselines.FixedPairs(split_pairs(category, split, "train"), decoded, args.seed)
     if args.method == "minibldm":
         return baselines.FixedPairs(generated, decoded, args.seed)
+    if args.method == "minibldm+real":
+        real = split_pairs(category, split, "train")
+        return baselines.FixedPairs({t: real.get(t, []) + generated.get(t, [])
+                                     for t in sorted(set(real) | set(generated))}, decoded, args.seed)
     if args.method == "crop-paste":
         pairs = PairDataset(category, split, size=args.size, seed=args.seed, length=10 ** 9)
         pairs.decoded = decoded  # one cache of decoded images

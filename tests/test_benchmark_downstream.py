@@ -63,11 +63,13 @@ def test_per_type_table_is_mean_and_std_per_defect_type():
     lines = bench.per_type_table(per_seed, "pixel_ap").splitlines()
     assert lines[0] == "| defect | " + " | ".join(bench.METHODS) + " |"
     sd = statistics.stdev([0.1, 0.3])
-    assert lines[2] == "| crack | " + " | ".join([f"0.200 ± {sd:.3f}"] * 4) + " |"
-    assert lines[3] == "| hole | " + " | ".join([f"0.400 ± {2 * sd:.3f}"] * 4) + " |"
+    n = len(bench.METHODS)
+    assert lines[2] == "| crack | " + " | ".join([f"0.200 ± {sd:.3f}"] * n) + " |"
+    assert lines[3] == "| hole | " + " | ".join([f"0.400 ± {2 * sd:.3f}"] * n) + " |"
 
 
-def test_fg_weight_variant_runs_minibldm_under_its_own_label_and_reuses_the_baselines(tmp_path, monkeypatch):
+def test_a_variant_runs_the_generated_methods_under_its_own_labels_and_reuses_the_baselines(
+        tmp_path, monkeypatch):
     calls = []
 
     def fake_run(cmd, log):  # stands in for `python -m minibldm.evaluate`: writes its --out file
@@ -79,17 +81,22 @@ def test_fg_weight_variant_runs_minibldm_under_its_own_label_and_reuses_the_base
     out = tmp_path / "eval"
     out.mkdir()
     (out / "perlin.json").write_text('{"method": "perlin", "kept": true}')  # an earlier call's
-    methods = bench.METHODS[:-1] + ("minibldm_fg100",)
+    methods = bench.labels("_dw8_fg100")
+    assert list(methods) == ["real-only", "crop-paste", "perlin", "minibldm_dw8_fg100",
+                             "minibldm+real_dw8_fg100"]
     results = bench.evaluate(tmp_path, tmp_path / "split.json", [tmp_path / "gen_fg100"], out, 5,
                              0, "cpu", tmp_path / "log", methods)
     assert list(results) == list(methods)
     assert results["perlin"] == {"method": "perlin", "kept": True}  # reused, not run again
-    ran = {c[c.index("--out") + 1]: c for c in calls}
-    assert sorted(Path(k).name for k in ran) == ["crop-paste.json", "minibldm_fg100.json", "real-only.json"]
-    ours = ran[str(out / "minibldm_fg100.json")]
-    assert ours[ours.index("--method") + 1] == "minibldm"
-    assert ours[ours.index("--generated") + 1] == str(tmp_path / "gen_fg100")
-    assert all("--generated" not in c for k, c in ran.items() if k != str(out / "minibldm_fg100.json"))
+    ran = {Path(c[c.index("--out") + 1]).name: c for c in calls}
+    assert sorted(ran) == ["crop-paste.json", "minibldm+real_dw8_fg100.json",
+                           "minibldm_dw8_fg100.json", "real-only.json"]
+    for label in ("minibldm_dw8_fg100", "minibldm+real_dw8_fg100"):
+        cmd = ran[label + ".json"]
+        assert cmd[cmd.index("--method") + 1] == methods[label]
+        assert cmd[cmd.index("--generated") + 1] == str(tmp_path / "gen_fg100")
+    assert all("--generated" not in ran[f"{m}.json"] for m in ("real-only", "crop-paste"))
+    assert bench.labels() == {m: m for m in bench.METHODS}
 
 
 @pytest.mark.parametrize("flag", ["--fg-weight", "--defect-weight"])

@@ -262,3 +262,26 @@ def test_minibldm_method_reads_a_generated_folder(tmp_path, data):
     r = run("--data", data, "--method", "minibldm", "--generated", gen, *FAST)
     assert r.code == 0, r.stderr
     assert "1 generated" in r.stderr and "| **mean** |" in r.stdout
+
+
+def test_minibldm_plus_real_pools_the_real_and_generated_defects(tmp_path, data):
+    from minibldm.evaluate import defect_source
+    cat = read_category(data)
+    split = make_split(cat, K, 0)
+    gen = fake_generated(tmp_path / "gen", data, data / "train" / "good" / "000.png", None)
+    generated = {"crack": [(gen / "test" / "crack" / "000.png",
+                            gen / "ground_truth" / "crack" / "000_mask.png")]}
+    decoded = DecodedImages(cat, 64, None, 100)
+    args = SimpleNamespace(method="minibldm+real", seed=0, size=64)
+    source = defect_source(args, cat, split, decoded, generated)
+    assert {t: len(v) for t, v in source.items.items()} == {"crack": K + 1, "scratch": K, "spot": K}
+    only_gen = defect_source(SimpleNamespace(method="minibldm", seed=0, size=64), cat, split,
+                             decoded, generated)
+    assert {t: len(v) for t, v in only_gen.items.items()} == {"crack": 1}
+    r = run("--data", data, "--method", "minibldm+real", "--generated", gen, *FAST,
+            "--out", tmp_path / "r.json")
+    assert r.code == 0, r.stderr
+    assert "1 generated" in r.stderr and f"{3 * K} real defects" in r.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["method"] == "minibldm+real"
+    r = run("--data", data, "--method", "minibldm+real", *FAST)
+    assert r.code == 2 and "--generated DIR is required with --method minibldm+real" in r.stderr

@@ -15,8 +15,9 @@ For each seed, on one real category (default ../shared/data/magnetic_tile, a sur
   2. `python -m minibldm.sample` with that generator: --n images per defect type, masks drawn
      from the split's training masks only (the full default method: 50 DDIM steps, 200
      adaptation steps);
-  3. `python -m minibldm.evaluate` for every method (real-only, crop-paste, perlin, minibldm)
-     with the run's split.json, so every detector sees the same real training images;
+  3. `python -m minibldm.evaluate` for every method (real-only, crop-paste, perlin, minibldm,
+     and minibldm+real: the generated and the real training defects together) with the run's
+     split.json, so every detector sees the same real training images;
   4. `python -m minibldm.genquality` on the generated images.
 Then the mean ± std over seeds goes to WORK/MODE/summary.json and summary.md (the table for
 docs/RESULTS.md): the spread covers the split, the generator's training, generation and the
@@ -42,7 +43,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("real-only", "crop-paste", "perlin", "minibldm")
+METHODS = ("real-only", "crop-paste", "perlin", "minibldm", "minibldm+real")
+GENERATED = ("minibldm", "minibldm+real")  # the methods that read the generated images
 # steps of each stage: autoencoder, text + UNet, trimap branch; detector steps; images per type.
 # Full mode fine-tunes the pretrained tiny model (--init), as AdaBLDM fine-tunes SD 1.5.
 STEPS = {"full": dict(ae=300, text=1200, control=1200, detector=400, n=10),
@@ -116,15 +118,20 @@ def generate(model: Path, data: Path, masks: dict, out: Path, seed: int, n: int,
     return outs
 
 
+def labels(tag: str = "") -> dict[str, str]:
+    """{label: evaluate's --method}: the methods that read generated images carry the variant's
+    tag in their label (and result file name)."""
+    return {m + (tag if m in GENERATED else ""): m for m in METHODS}
+
+
 def evaluate(data: Path, split_file: Path, generated: list, out: Path, steps: int, seed: int,
-             device: str, log: Path, methods: tuple = METHODS) -> dict:
-    """Each method's detector result (the last of `methods` is minibldm's, under its label)."""
+             device: str, log: Path, methods: dict[str, str] | None = None) -> dict:
+    """Each method's detector result by label (methods: labels(tag); default untagged)."""
     results = {}
-    for label in methods:
-        method = "minibldm" if label == methods[-1] else label
+    for label, method in (methods or labels()).items():
         result = out / f"{label}.json"
         if not result.is_file():
-            extra = ["--generated", *generated] if method == "minibldm" else []
+            extra = ["--generated", *generated] if method in GENERATED else []
             run([sys.executable, "-m", "minibldm.evaluate", "--data", data, "--texture",
                  "--method", method, "--split", split_file, "--seed", seed, "--steps", steps,
                  "--device", device, "--out", result, *extra], log)
@@ -200,7 +207,7 @@ def main(argv=None) -> int:
     mode = "quick" if args.quick else "full"
     dw_tag = "" if args.defect_weight == 1.0 else f"_dw{args.defect_weight:g}"
     tag = dw_tag + ("" if args.fg_weight == 1.0 else f"_fg{args.fg_weight:g}")
-    methods = METHODS[:-1] + ("minibldm" + tag,)
+    methods = labels(tag)
     s, seeds = STEPS[mode], args.seeds or ([0] if args.quick else [0, 1, 2])
     work = Path(args.work) / mode
     work.mkdir(parents=True, exist_ok=True)
@@ -227,7 +234,7 @@ def main(argv=None) -> int:
         quality[seed] = json.loads(gq.read_text())
         walls[seed] = time.time() - t0
     metrics = list(next(iter(per_seed.values()))["real-only"]["mean"])
-    summary, table = summarise(per_seed, metrics, methods)
+    summary, table = summarise(per_seed, metrics, tuple(methods))
     import torch
     info = {"mode": mode, "seeds": seeds, "defect_weight": args.defect_weight, "fg_weight": args.fg_weight,
             "init": str(init) if init else None, "steps": s, "data": str(data.resolve()),
@@ -240,7 +247,7 @@ def main(argv=None) -> int:
         f"Downstream detection on {data.name}, {mode} mode, seeds {seeds}, training --defect-weight "
         f"{args.defect_weight:g}, sampler --fg-weight {args.fg_weight:g} (a generator, a split "
         f"and a detector per seed), mean ± std over seeds of the mean over defect types.\n\n" + table
-        + "".join(f"\nPer defect type, {m.replace('_', ' ')}:\n\n" + per_type_table(per_seed, m, methods)
+        + "".join(f"\nPer defect type, {m.replace('_', ' ')}:\n\n" + per_type_table(per_seed, m, tuple(methods))
                   for m in ("pixel_ap", "image_auroc")))
     print(table + f"\nwrote {work / f'summary{tag}.json'} and {work / f'summary{tag}.md'} "
           f"({info['wall_s']} s this call)")
