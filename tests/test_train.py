@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import minibldm
-from minibldm import train, weights
+from minibldm import train, trainsamples, weights
 from minibldm.autoencoder import Autoencoder
 from minibldm.clip import TextEncoder
 from minibldm.config import AutoencoderConfig, ModelConfig, TextConfig, UNetConfig
@@ -159,8 +159,8 @@ def test_control_steps_lower_the_loss_on_a_fixed_batch(pill, tiny_weights, tmp_p
     control = ControlNet(UNET).copy_from_unet(m.unet).train().requires_grad_(True)
     cat = read_category(pill)
     ds = PairDataset(cat, load_or_make_split(tmp_path / "split.json", cat, k=2), size=SIZE)
-    batch = train.collate([ds[0], ds[1]])
-    t, noise, post = train.sample_draws(0, [0, 1], (4, SIZE // 8, SIZE // 8))
+    batch = trainsamples.collate([ds[0], ds[1]])
+    t, noise, post = trainsamples.sample_draws(0, [0, 1], (4, SIZE // 8, SIZE // 8))
     with torch.no_grad():
         z0 = train.encode_latent(m.autoencoder, batch["image"], post)
         context = m.text_encoder(m.tokenizer(batch["prompt"]))
@@ -195,8 +195,8 @@ def redo_control_steps(out, pill, tiny_weights, steps: int, cell_weights=None):
     losses = []
     for step in range(steps):
         idx = [2 * step, 2 * step + 1]
-        batch = train.collate([ds[i] for i in idx])
-        t, noise, post = train.sample_draws(0, idx, (4, SIZE // 8, SIZE // 8))
+        batch = trainsamples.collate([ds[i] for i in idx])
+        t, noise, post = trainsamples.sample_draws(0, idx, (4, SIZE // 8, SIZE // 8))
         with torch.no_grad():
             mean, logvar = m.autoencoder.moments(batch["image"])
             z0 = AE.scale_factor * (mean + torch.exp(0.5 * logvar) * post)
@@ -388,13 +388,13 @@ def test_scale_factor_auto_gives_unit_variance_latents(pill, tiny_weights, tmp_p
 
     # the property: the run's first 64 training latents, scaled, have standard deviation 1
     args = train.parse_args([str(a) for a in common] + ["--steps", "1"])
-    cats, splits = train.read_data(args, out, 0, 1, lambda m: None)
-    dataset = train.make_dataset(args, cats, splits)
+    cats, splits = trainsamples.read_data(args, out, 0, 1, lambda m: None)
+    dataset = trainsamples.make_dataset(args, cats, splits)
     ae = minibldm.load(out).autoencoder
     shape = (AE.embed_dim, SIZE // 8, SIZE // 8)
     with torch.no_grad():
         z = torch.cat([train.encode_latent(ae, dataset[i]["image"][None],
-                                           train.sample_draws(0, [i], shape)[2]) for i in range(64)])
+                                           trainsamples.sample_draws(0, [i], shape)[2]) for i in range(64)])
     assert abs(z.std().item() - 1) < 1e-4
 
     rc, err = run(*common, "--steps", 2)  # resumes: the same rule gives the same scale
@@ -441,8 +441,8 @@ def test_control_branch_for_several_categories(pill, tiny_weights, tmp_path):
 
     # samples alternate between the categories
     parsed = train.parse_args([str(a) for a in (*args[:5], pill, washer, *args[6:])])
-    cats, splits = train.read_data(parsed, out, 0, 1, lambda m: None)
-    dataset = train.make_dataset(parsed, cats, splits)
+    cats, splits = trainsamples.read_data(parsed, out, 0, 1, lambda m: None)
+    dataset = trainsamples.make_dataset(parsed, cats, splits)
     prompts = [dataset[i]["prompt"] for i in range(8)]
     assert all(p.startswith("a pill ") for p in prompts[0::2] if p)
     assert all(p.startswith(f"a {washer_name} ") for p in prompts[1::2] if p)
@@ -501,11 +501,11 @@ def test_defect_weighted_autoencoder_step_equals_a_plain_loop(pill, tiny_weights
     rc, err = run(*argv)
     assert rc == 0, err
     args = train.parse_args([str(a) for a in argv])
-    cats, splits = train.read_data(args, tmp_path / "ae", 0, 1, lambda m: None)
-    ds = train.make_dataset(args, cats, splits)
-    batch = train.collate([ds[i] for i in range(4)])
+    cats, splits = trainsamples.read_data(args, tmp_path / "ae", 0, 1, lambda m: None)
+    ds = trainsamples.make_dataset(args, cats, splits)
+    batch = trainsamples.collate([ds[i] for i in range(4)])
     assert 0 < batch["mask"].sum() < batch["mask"].numel()  # a defect among them
-    _, _, post = train.sample_draws(0, list(range(4)), (4, SIZE // 8, SIZE // 8))
+    _, _, post = trainsamples.sample_draws(0, list(range(4)), (4, SIZE // 8, SIZE // 8))
     ae = minibldm.load(tiny_weights).autoencoder
     with torch.no_grad():
         mean, logvar = ae.moments(batch["image"])
