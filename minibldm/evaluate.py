@@ -57,6 +57,7 @@ from .data import (Category, DataError, DecodedImages, PairDataset, list_images,
 from .io import file_sha256, write_result
 
 METHODS = ("minibldm", "minibldm+real", "crop-paste", "perlin", "real-only")
+GENERATED = ("minibldm", "minibldm+real")  # the methods that read --generated
 METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_iou", "image_auroc", "image_ap")
 PROG = "python -m minibldm.evaluate"
 
@@ -86,9 +87,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def check_args(args) -> None:
     if not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: no such folder")
-    if args.method.startswith("minibldm") and not args.generated:
+    if args.method in GENERATED and not args.generated:
         raise UsageError(f"--generated DIR is required with --method {args.method}")
-    if args.generated and not args.method.startswith("minibldm"):
+    if args.generated and args.method not in GENERATED:
         raise UsageError("--generated is read only with --method minibldm or minibldm+real "
                          f"(not {args.method})")
     for folder in args.generated or ():

@@ -42,9 +42,10 @@ import sys
 import time
 from pathlib import Path
 
+from minibldm.evaluate import GENERATED  # the methods that read the generated images
+
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("real-only", "crop-paste", "perlin", "minibldm", "minibldm+real")
-GENERATED = ("minibldm", "minibldm+real")  # the methods that read the generated images
+METHODS = ("real-only", "crop-paste", "perlin", "minibldm", "minibldm+real")  # table order
 # steps of each stage: autoencoder, text + UNet, trimap branch; detector steps; images per type.
 # Full mode fine-tunes the pretrained tiny model (--init), as AdaBLDM fine-tunes SD 1.5.
 STEPS = {"full": dict(ae=300, text=1200, control=1200, detector=400, n=10),
