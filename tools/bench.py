@@ -16,7 +16,8 @@ Parts (medians of --repeats timed runs after one warm-up):
             (--compile), and diffusers UNet2DConditionModel + ControlNetModel eager the way its
             ControlNet pipeline runs them (the branch on both halves, reading the empty prompt
             as AdaBLDM's reference code does); FLOPs counted by
-            torch.utils.flop_counter, so GFLOP/s and the fraction of the matmul peak follow;
+            torch.utils.flop_counter (with attention on CPUs, which it misses: sdpa_cpu_flops),
+            so GFLOP/s and the fraction of the matmul peak follow;
             --channels-last adds minibldm eager in channels_last memory order
   adapt     one decoder-adaptation iteration (forward, loss, backward, AdamW) at 256x256:
             minibldm.adapt_decoder against a plain loop over diffusers' AutoencoderKL decoder;
@@ -49,6 +50,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -81,8 +83,17 @@ def timed(fn, device, repeats: int, warmup: int = 1) -> dict:
     return {"median_s": statistics.median(times), "runs_s": times}
 
 
+def sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of torch's CPU flash-attention kernel, from the shapes of query (..., Sq, D), key
+    (..., Sk, D) and value (..., Sk, Dv): Q K^T and the weights times V. torch's counter has no
+    formula for this kernel (torch 2.13), so attention went uncounted on CPUs, on both sides."""
+    n = math.prod(query[:-2])
+    return 2 * n * query[-2] * key[-2] * (query[-1] + value[-1])
+
+
 def flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu_flops}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         fn()
     return counter.get_total_flops()
 
