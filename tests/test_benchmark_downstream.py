@@ -1,6 +1,7 @@
 """tools/benchmark_downstream.py's own logic: the sampler sees only the split's training masks,
 and the summary is the mean and sample standard deviation over seeds."""
 import importlib.util
+import json
 import statistics
 from pathlib import Path
 
@@ -119,3 +120,53 @@ def test_defect_weight_reaches_every_training_stage(tmp_path, monkeypatch):
     assert stages == ["autoencoder", "text", "control"]
     assert all(c[c.index("--defect-weight") + 1] == "8.0" for c in calls)
     assert last == tmp_path / "gen" / "control"
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_generate_samples_drawn_or_exact_masks(tmp_path, monkeypatch, exact):
+    """--exact-masks hands each type's folder of training masks to the sampler's --exact-masks
+    (the masks as they are) instead of --defect-masks (masks drawn from them)."""
+    calls = []
+    monkeypatch.setattr(bench, "run", lambda cmd, log: calls.append([str(c) for c in cmd]))
+    masks = {"crack": tmp_path / "m" / "crack", "hole": tmp_path / "m" / "hole"}
+    outs = bench.generate(tmp_path / "model", tmp_path / "data", masks, tmp_path / "gen", 0, 3,
+                          "cpu", tmp_path / "log", 1.0, exact=exact)
+    assert outs == [tmp_path / "gen" / "crack", tmp_path / "gen" / "hole"]
+    used, unused = ("--exact-masks", "--defect-masks") if exact else ("--defect-masks", "--exact-masks")
+    for cmd, folder in zip(calls, masks.values()):
+        assert cmd[cmd.index(used) + 1] == str(folder) and unused not in cmd
+        assert cmd[cmd.index("-n") + 1] == "3"
+
+
+def test_exact_masks_tags_the_variant(tmp_path, monkeypatch):
+    """The whole chain with --exact-masks writes generated_dw8_exact and the tagged labels."""
+    seen = {}
+
+    def fake_train(data, runs, seed, s, init, device, log, defect_weight):
+        (runs / "control").mkdir(parents=True, exist_ok=True)
+        (runs / "control" / "split.json").write_text('{"defects": {}}')
+        return runs / "control"
+
+    def fake_generate(model, data, masks, out, seed, n, device, log, fg_weight, exact):
+        seen["generate"] = (out.name, exact)
+        return []
+
+    def fake_evaluate(data, split_file, generated, out, steps, seed, device, log, methods):
+        seen["methods"] = list(methods)
+        return {m: {"mean": {"pixel_ap": 0.1}, "per_type": {"crack": {"pixel_ap": 0.1,
+                                                                      "image_auroc": 0.5}}}
+                for m in methods}
+
+    def fake_run(cmd, log):  # genquality
+        cmd = [str(c) for c in cmd]
+        Path(cmd[cmd.index("--out") + 1]).write_text("{}")
+    for name, fn in (("train_model", fake_train), ("generate", fake_generate),
+                     ("evaluate", fake_evaluate), ("run", fake_run)):
+        monkeypatch.setattr(bench, name, fn)
+    (tmp_path / "cat" / "train" / "good").mkdir(parents=True)
+    assert bench.main(["--data", str(tmp_path / "cat"), "--work", str(tmp_path / "w"), "--quick",
+                       "--defect-weight", "8", "--exact-masks", "--init", "none"]) == 0
+    assert seen["generate"] == ("generated_dw8_exact", True)
+    assert seen["methods"][3:] == ["minibldm_dw8_exact", "minibldm+real_dw8_exact"]
+    info = json.loads((tmp_path / "w" / "quick" / "summary_dw8_exact.json").read_text())["info"]
+    assert info["exact_masks"] is True

@@ -3,7 +3,7 @@
 real parts, against the baselines a user would otherwise pick?
 
     python tools/benchmark_downstream.py [--quick] [--data DIR] [--work DIR] [--seeds 0 1 2]
-        [--init weights/tiny|none] [--defect-weight W] [--fg-weight W]
+        [--init weights/tiny|none] [--defect-weight W] [--fg-weight W] [--exact-masks]
 
 For each seed, on one real category (default ../shared/data/magnetic_tile, a surface):
   1. the generator: the pretrained tiny model (weights/tiny, trained on minibldm's synthetic
@@ -21,11 +21,14 @@ For each seed, on one real category (default ../shared/data/magnetic_tile, a sur
   4. `python -m minibldm.genquality` on the generated images.
 Then the mean ± std over seeds goes to WORK/MODE/summary.json and summary.md (the table for
 docs/RESULTS.md): the spread covers the split, the generator's training, generation and the
-detector. Two variants of the generator sit beside the default's, with tagged folders, result
-and summary files, reusing the seeds' baseline detectors (and generators) that exist:
---defect-weight W fine-tunes every stage with train's --defect-weight W (the defect's pixels
-weigh W in the losses; generator_dwW), and --fg-weight W samples with the sampler's
---fg-weight W instead of its default 1 (generated_fgW). Every step resumes: run the same
+detector. Three variants sit beside the default, with tagged folders, result and summary
+files, reusing the seeds' baseline detectors (and generators) that exist: --defect-weight W
+fine-tunes every stage with train's --defect-weight W (the defect's pixels weigh W in the
+losses; generator_dwW); --fg-weight W samples with the sampler's --fg-weight W instead of its
+default 1 (generated_fgW); and --exact-masks samples on the split's training masks as they are
+(sample --exact-masks: each real mask's own shape and place, such as a break on the tile's
+edge) instead of masks drawn from them with a random rotation, scale and place
+(generated_exact; n images per type = the first n masks). Every step resumes: run the same
 command again after an interruption. --quick (one seed, 100 steps per stage, 2 images per
 type) checks the whole chain in about 10 minutes on 2 CPU cores; its numbers say nothing about
 quality.
@@ -107,12 +110,15 @@ def training_masks(data: Path, split: dict, out: Path) -> dict[str, Path]:
 
 
 def generate(model: Path, data: Path, masks: dict, out: Path, seed: int, n: int, device: str,
-             log: Path, fg_weight: float) -> list[Path]:
+             log: Path, fg_weight: float, exact: bool = False) -> list[Path]:
+    """n images per defect type, on masks drawn from the type's folder (exact: its masks as
+    they are, the first n)."""
     outs = []
     for name, folder in masks.items():
         target = out / name
         run([sys.executable, "-m", "minibldm.sample", "--weights", model,
-             "--images", data / "train" / "good", "--defect-masks", folder, "--texture",
+             "--images", data / "train" / "good",
+             "--exact-masks" if exact else "--defect-masks", folder, "--texture",
              "--object", "magnetic tile", "--defect", name, "-n", n, "--batch-size", min(n, 5),
              "--out", target, "--seed", seed, "--device", device, "--fg-weight", fg_weight, "--quiet"], log)
         outs.append(target)
@@ -192,6 +198,9 @@ def main(argv=None) -> int:
                    help="the sampler's --fg-weight (default 1, its default). Another value gets "
                    "its own generated_fgW folders, result files and summary_fgW files beside the "
                    "default's, and reuses the seeds' generators and baseline detectors")
+    p.add_argument("--exact-masks", action="store_true",
+                   help="sample on the training masks as they are (their own shapes and places) "
+                   "instead of transformed draws from them; tagged _exact like the weights")
     args = p.parse_args(argv)
     data = Path(args.data)
     if not (data / "train" / "good").is_dir():
@@ -207,7 +216,8 @@ def main(argv=None) -> int:
             return 2
     mode = "quick" if args.quick else "full"
     dw_tag = "" if args.defect_weight == 1.0 else f"_dw{args.defect_weight:g}"
-    tag = dw_tag + ("" if args.fg_weight == 1.0 else f"_fg{args.fg_weight:g}")
+    tag = (dw_tag + ("" if args.fg_weight == 1.0 else f"_fg{args.fg_weight:g}")
+           + ("_exact" if args.exact_masks else ""))
     methods = labels(tag)
     s, seeds = STEPS[mode], args.seeds or ([0] if args.quick else [0, 1, 2])
     work = Path(args.work) / mode
@@ -224,7 +234,7 @@ def main(argv=None) -> int:
         masks = training_masks(data, json.loads(split_file.read_text()), sw / "train_masks")
         print(f"== seed {seed}: generating {s['n']} images per defect type", flush=True)
         generated = generate(model, data, masks, sw / f"generated{tag}", seed, s["n"], args.device,
-                             log, args.fg_weight)
+                             log, args.fg_weight, args.exact_masks)
         print(f"== seed {seed}: evaluating {', '.join(methods)}", flush=True)
         per_seed[seed] = evaluate(data, split_file, generated, sw / "eval", s["detector"], seed,
                                   args.device, log, methods)
@@ -238,6 +248,7 @@ def main(argv=None) -> int:
     summary, table = summarise(per_seed, metrics, tuple(methods))
     import torch
     info = {"mode": mode, "seeds": seeds, "defect_weight": args.defect_weight, "fg_weight": args.fg_weight,
+            "exact_masks": args.exact_masks,
             "init": str(init) if init else None, "steps": s, "data": str(data.resolve()),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -246,7 +257,8 @@ def main(argv=None) -> int:
         {"info": info, "summary": summary, "per_seed": per_seed, "genquality": quality}, indent=1) + "\n")
     (work / f"summary{tag}.md").write_text(
         f"Downstream detection on {data.name}, {mode} mode, seeds {seeds}, training --defect-weight "
-        f"{args.defect_weight:g}, sampler --fg-weight {args.fg_weight:g} (a generator, a split "
+        f"{args.defect_weight:g}, sampler --fg-weight {args.fg_weight:g}"
+        f"{', on the training masks as they are' if args.exact_masks else ''} (a generator, a split "
         f"and a detector per seed), mean ± std over seeds of the mean over defect types.\n\n" + table
         + "".join(f"\nPer defect type, {m.replace('_', ' ')}:\n\n" + per_type_table(per_seed, m, tuple(methods))
                   for m in ("pixel_ap", "image_auroc")))
