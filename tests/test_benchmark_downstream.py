@@ -135,6 +135,7 @@ def test_generate_samples_drawn_or_exact_masks(tmp_path, monkeypatch, exact):
     used, unused = ("--exact-masks", "--defect-masks") if exact else ("--defect-masks", "--exact-masks")
     for cmd, folder in zip(calls, masks.values()):
         assert cmd[cmd.index(used) + 1] == str(folder) and unused not in cmd
+        assert ("--resize-masks" in cmd) == exact  # real masks and good images differ in size
         assert cmd[cmd.index("-n") + 1] == "3"
 
 

@@ -112,13 +112,15 @@ def training_masks(data: Path, split: dict, out: Path) -> dict[str, Path]:
 def generate(model: Path, data: Path, masks: dict, out: Path, seed: int, n: int, device: str,
              log: Path, fg_weight: float, exact: bool = False) -> list[Path]:
     """n images per defect type, on masks drawn from the type's folder (exact: its masks as
-    they are, the first n)."""
+    they are, the first n, each stretched to its good image's size)."""
     outs = []
     for name, folder in masks.items():
         target = out / name
         run([sys.executable, "-m", "minibldm.sample", "--weights", model,
              "--images", data / "train" / "good",
-             "--exact-masks" if exact else "--defect-masks", folder, "--texture",
+             # the real masks come from defect images of other sizes than the good ones
+             *(["--exact-masks", folder, "--resize-masks"] if exact else ["--defect-masks", folder]),
+             "--texture",
              "--object", "magnetic tile", "--defect", name, "-n", n, "--batch-size", min(n, 5),
              "--out", target, "--seed", seed, "--device", device, "--fg-weight", fg_weight, "--quiet"], log)
         outs.append(target)
