@@ -1,50 +1,29 @@
 """The LDM first-stage autoencoder: Encoder, Decoder and a KL or VQ bottleneck between them.
 
 Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (CVPR 2022),
-Sec. 3.1 and App. G. The encoder E maps an image x in [-1, 1] to a latent f times smaller; the
-decoder D maps it back. Two bottlenecks regularise the latent:
-- KL: E(x) parameterises a diagonal Gaussian N(mean, exp(logvar)), pulled towards N(0, I) by a
-  small KL term (Stable Diffusion's f=8 autoencoder).
-- VQ: E(x) is replaced by its nearest codebook entry (van den Oord et al., "Neural Discrete
-  Representation Learning", 2017, Eq. 3), inside the decoder as in the paper's App. G.
-The diffusion model works on z = scale_factor * E(x), the factor making z about unit variance
-(Sec. 4.3.2 and App. D.1).
+Sec. 3.1 and App. G: the encoder maps an image in [-1, 1] to a latent f times smaller, the
+decoder maps it back. KL: a diagonal Gaussian posterior pulled towards N(0, I) (SD's f=8
+autoencoder). VQ: the nearest codebook entry (van den Oord et al. 2017, eq. 3), inside the
+decoder as in App. G. The diffusion model works on z = scale_factor * E(x) (about unit variance).
 
-Module names equal the CompVis checkpoints' `first_stage_model.*` keys with that prefix removed
-(ldm.modules.diffusionmodules.model), so those checkpoints load with `strict=True`. Diffusers
-AutoencoderKL / VQModel state dicts are renamed into this namespace in minibldm/convert.py.
-
-The decoder is applied as `decoder(decoder_input(z))`: `decoder_input` undoes the scale factor,
-quantises (VQ) and applies the frozen `post_quant_conv`, so a per-image copy of `decoder` alone can
-be fine-tuned (AdaBLDM's online decoder adaptation, Algorithm 2).
+Module names equal the CompVis checkpoints' `first_stage_model.*` keys, so those load with
+`strict=True`; diffusers layouts are renamed into them in minibldm/convert/. The decoder runs as
+`decoder(decoder_input(z))`, so a per-image copy of `decoder` alone can be fine-tuned (AdaBLDM's
+decoder adaptation, Algorithm 2).
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
 from .attention import attention
 from .config import AutoencoderConfig
-from .conv import upsample_conv
 
 
 def norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)  # ldm's Normalize: eps 1e-6, affine
-
-
-def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
-    """silu(norm(x)) (silu(x) = x * sigmoid(x), ldm's "swish"). recompute: when gradients are
-    on, keep only x for the backward pass and compute the norm's output again there, instead of
-    keeping it (one activation less per norm, for a cheap elementwise recomputation; the
-    decoder adaptation's MEMORY, adapt.py). The values and gradients are the same."""
-    if recompute and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(lambda t: F.silu(norm(t)), x, use_reentrant=False)
-    return F.silu(norm(x))
 
 
 class ResnetBlock(nn.Module):
@@ -53,8 +32,6 @@ class ResnetBlock(nn.Module):
     ldm's time embedding and dropout are absent: the autoencoder uses neither (dropout 0.0 in
     every public config).
     """
-
-    recompute = False  # norm_silu's recompute; adapt.adapt_decoder turns it on in its copy
 
     def __init__(self, c_in: int, c_out: int, groups: int):
         super().__init__()
@@ -66,8 +43,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(norm_silu(self.norm1, x, self.recompute))
-        h = self.conv2(norm_silu(self.norm2, h, self.recompute))
+        h = self.conv1(F.silu(self.norm1(x)))  # silu(x) = x * sigmoid(x), ldm's "swish"
+        h = self.conv2(F.silu(self.norm2(h)))
         return self.nin_shortcut(x) + h
 
 
@@ -102,14 +79,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv (computed on the input grid on a CPU: conv.py)."""
+    """Nearest-neighbour x2, then a 3x3 conv."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample_conv(x, self.conv)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def res_blocks(c_in: int, c_out: int, n: int, with_attn: bool,
@@ -219,13 +196,6 @@ class Decoder(nn.Module):
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-    def stages(self) -> list[tuple[Callable, list[nn.Module]]]:
-        """forward as a list of (function, its modules), in order: conv_in + mid, each up level
-        from the deepest, the output head. Running the functions one after the other is forward."""
-        return ([(lambda z: self.mid(self.conv_in(z)), [self.conv_in, self.mid])]
-                + [(level, [level]) for level in reversed(self.up)]
-                + [(lambda h: self.conv_out(F.silu(self.norm_out(h))), [self.norm_out, self.conv_out])])
-
 
 class VectorQuantizer(nn.Module):
     """Nearest-codebook-entry quantisation with a straight-through gradient (ldm VectorQuantizer2).
@@ -253,6 +223,11 @@ class VectorQuantizer(nn.Module):
         loss = F.mse_loss(z, z_q.detach()) + self.beta * F.mse_loss(z_q, z.detach())
         z_q = z + (z_q - z).detach()                            # straight-through estimator
         return z_q, loss, indices.view(b, h, w)
+
+
+def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """A draw from N(mean, exp(logvar)) given standard normal `noise` (the reparameterisation)."""
+    return mean + torch.exp(0.5 * logvar) * noise
 
 
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -295,7 +270,8 @@ class Autoencoder(nn.Module):
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None,
                noise=None) -> torch.Tensor:
-        """Image (B, 3, H, W) in [-1, 1] -> scale_factor * latent, (B, embed_dim, H / f, W / f).
+        """Image (B, 3, H, W) in [-1, 1] -> scale_factor * latent, (B, embed_dim, H / f, W / f):
+        the LDM latent of METHOD.md (1).
 
         KL: the posterior mean, or a posterior sample mean + std * n, with n drawn from
         `generator` or given by `noise(mean)` (a function returning standard normal noise shaped
@@ -309,10 +285,11 @@ class Autoencoder(nn.Module):
             return self.cfg.scale_factor * mean
         n = noise(mean) if noise is not None else torch.randn(
             mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return self.cfg.scale_factor * (mean + torch.exp(0.5 * logvar) * n)
+        return self.cfg.scale_factor * posterior_sample(mean, logvar, n)
 
     def decoder_input(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latent -> what `decoder` reads: unscale, quantise (VQ), post_quant_conv."""
+        """Scaled latent -> what `decoder` reads: unscale, quantise (VQ), post_quant_conv. For z*
+        this h is Algorithm 2's fixed input (METHOD.md §6)."""
         h = z / self.cfg.scale_factor
         if self.cfg.is_vq:
             h = self.quantize(h)[0]

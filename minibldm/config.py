@@ -1,14 +1,17 @@
 """Configs for every minibldm network, as frozen dataclasses.
 
-Field names follow the latent-diffusion / ControlNet YAML files (`model_channels`, `channel_mult`,
-`context_dim`, ...) and, for the CLIP text encoder, the Hugging Face CLIPTextConfig, since the
-CompVis checkpoints embed that model. Presets are module constants. `config_from_state_dicts`
-reads a config off a checkpoint's tensor shapes (see minibldm/convert.py).
+Network configs: field names follow the latent-diffusion / ControlNet YAML files
+(`model_channels`, `channel_mult`, `context_dim`, ...) and, for the CLIP text encoder, the Hugging
+Face CLIPTextConfig, since the CompVis checkpoints embed that model. Presets are module constants;
+minibldm/convert.py reads a config off a checkpoint's tensor shapes.
+
+Method configs: `Stages`, `AdaptConfig` and `SampleConfig` name every knob of AdaBLDM's
+Algorithm 1 (the blended sampler) and Algorithm 2 (the decoder adaptation) once, with the
+reference code's default and, where the paper differs, the paper's value in the comment.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
 
@@ -33,6 +36,11 @@ class AutoencoderConfig:
     @property
     def is_vq(self) -> bool:
         return self.n_embed > 0
+
+    @property
+    def factor(self) -> int:
+        """f: how many image pixels one latent cell spans along each side."""
+        return 2 ** (len(self.ch_mult) - 1)
 
 
 @dataclass(frozen=True)
@@ -70,20 +78,27 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this: f times the UNet's total downsampling."""
+        return self.autoencoder.factor * 2 ** (len(self.unet.channel_mult) - 1)
 
     @staticmethod
     def from_dict(d: dict) -> "ModelConfig":
-        def build(cls, values):
-            names = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(values) - names)
-            if unknown:
-                raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-        return ModelConfig(build(AutoencoderConfig, d.get("autoencoder", {})),
-                           build(UNetConfig, d.get("unet", {})),
-                           build(TextConfig, d.get("text", {})))
+        """From config.json's dict: one section per network, missing ones at their defaults."""
+        return ModelConfig(from_fields(AutoencoderConfig, d.get("autoencoder", {})),
+                           from_fields(UNetConfig, d.get("unet", {})),
+                           from_fields(TextConfig, d.get("text", {})))
+
+
+def from_fields(cls, values: dict):
+    """A config dataclass from a JSON object's fields (lists become tuples); an unknown field is
+    a ValueError naming it."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 # --- presets -------------------------------------------------------------------------------------
@@ -110,85 +125,60 @@ TINY = ModelConfig(
 
 PRESETS = {"sd15": SD15, "tiny": TINY}  # names `python -m minibldm.train --config` accepts
 
-# --- configs read off tensor shapes (CompVis key layout) ---------------------------------------
-# What shapes cannot tell follows the SD 1.x conventions and is a parameter: 8 UNet heads at every
-# level, 64-wide CLIP heads, 32 GroupNorm groups, the latent scale factor.
 
-def _count(sd: dict, prefix: str) -> int:
-    """Number of distinct integer indices i in keys `prefix{i}.`."""
-    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+# --- the method's knobs (AdaBLDM, arXiv 2402.19330) ----------------------------------------------
 
+@dataclass(frozen=True)
+class Stages:
+    """Stage boundaries of Algorithm 1, as DDIM step indices (defaults: the reference code)."""
+    steps: int = 50              # N, DDIM steps in all
+    latent_start: int = 26       # first step with latent editing (steps before it run free)
+    latent_stop: int = 46        # latent editing on latent_start <= i < latent_stop
+    image_start: int = 45        # image editing on image_start <= i < N
 
-def unet_config_from_state_dict(sd: dict, num_heads: int = 8, norm_num_groups: int = 32) -> UNetConfig:
-    """UNetConfig of a UNet (`model.diffusion_model.` stripped) or of a control branch
-    (`control_model.` stripped) state dict."""
-    conv_in = sd["input_blocks.0.0.weight"]
-    mc = conv_in.shape[0]
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"stages need at least one DDIM step: {self}")
+        if not 0 <= self.latent_start <= self.latent_stop <= self.steps:
+            raise ValueError(f"stages need 0 <= latent_start <= latent_stop <= steps: {self}")
+        if not 0 <= self.image_start <= self.steps:
+            raise ValueError(f"stages need 0 <= image_start <= steps: {self}")
 
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in sd)
+    @staticmethod
+    def from_lengths(free: int, latent: int, image: int) -> "Stages":
+        """Consecutive stages of the given lengths, e.g. the paper's (50, 30, 5): 85 steps."""
+        if min(free, latent, image) < 0 or free + latent + image == 0:
+            raise ValueError(f"stage lengths must be >= 0 and not all 0: {free}, {latent}, {image}")
+        return Stages(free + latent + image, free, free + latent, free + latent)
 
-    def width(k: int) -> int:  # output channels of the ResBlock input_blocks.k.0
-        for name in ("out_layers.3.weight", "in_layers.2.weight", "emb_layers.1.weight"):
-            if f"input_blocks.{k}.0.{name}" in sd:
-                return sd[f"input_blocks.{k}.0.{name}"].shape[0]
-        raise KeyError(f"input_blocks.{k}.0.out_layers.3.weight")
+    def edits_latent(self, i: int) -> bool:
+        return self.latent_start <= i < self.latent_stop
 
-    mult, attn, per_level, n = [], [], [], 0
-    for k in range(1, _count(sd, "input_blocks.")):
-        if has(f"input_blocks.{k}.0.op."):  # a Downsample closes the level
-            per_level.append(n)
-            n = 0
-            continue
-        if n == 0:  # the level's first ResBlock sets its width
-            mult.append(width(k) // mc)
-            if has(f"input_blocks.{k}.1."):
-                attn.append(2 ** (len(mult) - 1))
-        n += 1
-    per_level.append(n)
-    n_res = max(per_level)
-    depth = _count(sd, "middle_block.1.transformer_blocks.")
-    context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-    hint = sd.get("input_hint_block.0.weight")
-    out = sd.get("out.2.weight")
-    return UNetConfig(in_channels=conv_in.shape[1],
-                      out_channels=out.shape[0] if out is not None else conv_in.shape[1],
-                      model_channels=mc, channel_mult=tuple(mult), num_res_blocks=n_res,
-                      attention_resolutions=tuple(sorted(attn, reverse=True)), num_heads=num_heads,
-                      transformer_depth=depth, context_dim=context_dim,
-                      norm_num_groups=norm_num_groups,
-                      hint_channels=hint.shape[1] if hint is not None else 3)
+    def edits_image(self, i: int) -> bool:
+        return i >= self.image_start
 
 
-def autoencoder_config_from_state_dict(sd: dict, scale_factor: float | None = None,
-                                       resolution: int = 256,
-                                       norm_num_groups: int = 32) -> AutoencoderConfig:
-    """AutoencoderConfig of a `first_stage_model.`-stripped state dict; KL unless it has a
-    codebook. scale_factor defaults to 0.18215 for KL and 1.0 for VQ (the LDM configs)."""
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = _count(sd, "encoder.down.")
-    mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-    attn = tuple(resolution // 2 ** i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd)
-    codebook = sd.get("quantize.embedding.weight")
-    is_vq = codebook is not None
-    z2 = sd["encoder.conv_out.weight"].shape[0]
-    embed = sd["quant_conv.weight"].shape[0]
-    return AutoencoderConfig(
-        ch=ch, ch_mult=mult, num_res_blocks=_count(sd, "encoder.down.0.block."),
-        attn_resolutions=attn, in_channels=sd["encoder.conv_in.weight"].shape[1],
-        out_ch=sd["decoder.conv_out.weight"].shape[0], resolution=resolution,
-        z_channels=z2 if is_vq else z2 // 2, embed_dim=embed if is_vq else embed // 2,
-        double_z=not is_vq, n_embed=codebook.shape[0] if is_vq else 0,
-        scale_factor=scale_factor if scale_factor is not None else (1.0 if is_vq else 0.18215),
-        norm_num_groups=norm_num_groups)
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Algorithm 2, the online decoder adaptation (defaults: the reference code)."""
+    steps: int = 200             # T_ft, AdamW steps per image (0: no adaptation)
+    lr: float = 1e-4             # AdamW learning rate (torch's betas and weight decay)
+    fg_weight: float = 1.0       # weight of the defect-region term (the paper's lambda_con)
+    bg_weight: float = 100.0     # weight of the background term (reference code: 100)
 
 
-def text_config_from_state_dict(sd: dict, head_dim: int = 64) -> TextConfig:
-    """TextConfig of a `cond_stage_model.transformer.`-stripped (= transformers) state dict."""
-    tok = sd["text_model.embeddings.token_embedding.weight"]
-    return TextConfig(
-        vocab_size=tok.shape[0], hidden_size=tok.shape[1],
-        max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
-        intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=_count(sd, "text_model.encoder.layers."),
-        num_attention_heads=tok.shape[1] // head_dim)
+LATENT_MASKS = ("nearest", "cover")  # how M* shrinks to the latent grid (sampler.latent_keep_mask)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Algorithm 1 and 2 together: what `pipeline.defect_image` runs."""
+    stages: Stages = Stages()    # the reference code's 50 steps; the paper's: from_lengths(50, 30, 5)
+    guidance: float = 9.0        # classifier-free guidance scale, on the text only
+    eta: float = 0.0             # DDIM eta (0: deterministic steps)
+    latent_mask: str = "nearest"  # "nearest" (reference code) or "cover" (keeps thin defects)
+    adapt: AdaptConfig = AdaptConfig()
+
+    def __post_init__(self):
+        if self.latent_mask not in LATENT_MASKS:
+            raise ValueError(f"latent_mask must be one of {LATENT_MASKS}, got {self.latent_mask!r}")

@@ -63,7 +63,8 @@ class ControlNet(nn.Module):
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, t: torch.Tensor,
                 context: torch.Tensor) -> list[torch.Tensor]:
-        """x: (B, C, h, w) noisy latent; hint: (B, 3, 8h, 8w) trimap in [0, 1]; t: (B,) or ();
+        """The residuals r of METHOD.md (3), one per UNet skip connection and one for the middle.
+        x: (B, C, h, w) noisy latent; hint: (B, 3, 8h, 8w) trimap in [0, 1]; t: (B,) or ();
         context: (B, T, context_dim) (AdaBLDM feeds the empty prompt's embedding here)."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).type(x.dtype))

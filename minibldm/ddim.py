@@ -10,25 +10,18 @@ their eq. 12,
 with ε = ε_θ(x_t, t), z ~ N(0, I), ā the cumulative product of (1 - β); η = 0 is deterministic.
 The forward process is q(x_t | x0) = N(sqrt(ā_t) x0, (1 - ā_t) I) (DDPM, Ho et al. 2020, eq. 4).
 
-Schedule and discretisation follow latent-diffusion (CompVis), which Stable Diffusion 1.5 and the
-AdaBLDM reference code use: the "linear" beta schedule of `make_beta_schedule`
-(betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)², in float64), the "uniform" DDIM
-discretisation of `make_ddim_timesteps` (t = 1, 1 + c, 1 + 2c, ... below 1000 with c = 1000 // N),
-the previous step of a step being its neighbour in that list, and ā_prev = ā[0] (not 1) for the
-last step. diffusers' DDIMScheduler reproduces this with beta_schedule="scaled_linear",
-steps_offset=1, set_alpha_to_one=False, timestep_spacing="leading" whenever N divides 1000.
+Schedule and discretisation follow latent-diffusion, as SD 1.5 and the AdaBLDM reference code
+do: the "linear" betas linspace(sqrt(0.00085), sqrt(0.012), 1000)² in float64, the "uniform" DDIM
+timesteps 1 + k·(1000 // N), each step's previous step its neighbour in that list, and
+ā_prev = ā[0] (not 1) for the last step (diffusers' DDIMScheduler with "scaled_linear",
+steps_offset=1, set_alpha_to_one=False, "leading" spacing, whenever N divides 1000).
 
-Shapes and dtypes: x_t, eps, x0 and noise are (B, ...) tensors of any float dtype (SD latents are
-(B, 4, 64, 64)). A timestep t is a Python int or a LongTensor of shape () or (B,). The schedule
-`alphas_cumprod` is float64, shape (num_train_timesteps,), and may stay on the CPU: each function
-looks up ā, computes its few scalar coefficients in the schedule's dtype, and only then casts them
-to x's dtype and device. This keeps 1 - ā exact near t = 0 (1 - ā[0] = 0.00085 is not
-representable in float16, whose spacing just below 1 is 4.9e-4), so float16 and bfloat16 latents
-get correctly rounded coefficients. On a device without float64 (Apple MPS), pass
-`alphas_cumprod(...).float()`. Timesteps are not range-checked (that would need a host sync): a
-negative t indexes from the end as usual in PyTorch.
+x_t, eps, x0 and noise are (B, ...) tensors of any float dtype; a timestep t is an int or a
+LongTensor of shape () or (B,). The float64 schedule may stay on the CPU: coefficients are
+computed in float64 and cast to x's dtype last, which keeps 1 - ā exact near t = 0 for float16
+and bfloat16 latents (on Apple MPS, which has no float64, pass `alphas_cumprod().float()`).
 """
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -40,11 +33,8 @@ def alphas_cumprod(num_train_timesteps: int = 1000, linear_start: float = 0.0008
                    linear_end: float = 0.012) -> Tensor:
     """ā_t = prod_{s<=t} (1 - β_s) for ldm's "linear" schedule β = linspace(√start, √end, n)².
 
-    Returns float64, shape (num_train_timesteps,). float64 because that is the precision ldm
-    computes the schedule in (it stores a float32 copy, which is exactly what casting this table
-    to float32 gives), and because every coefficient below is then computed once at full
-    precision and rounded once to the sampling dtype. Index t is the noise level after t + 1
-    noising steps: ā[0] = 1 - β[0] = 0.99915, ā[999] ≈ 0.0047.
+    float64, shape (num_train_timesteps,), as ldm computes it (its float32 copy is this cast).
+    Index t is the noise level after t + 1 noising steps: ā[0] = 0.99915, ā[999] ≈ 0.0047.
     """
     if num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
@@ -62,11 +52,9 @@ def ddim_timesteps(num_steps: int = 50, num_train_timesteps: int = 1000) -> Tens
     With stride c = num_train_timesteps // num_steps the steps are 1 + k·c for every k with
     k·c < num_train_timesteps: 981, 961, ..., 21, 1 for 50 steps of 1000.
 
-    As in latent-diffusion, this list has exactly num_steps entries only when num_steps divides
-    num_train_timesteps; otherwise the range yields extra steps at the noisy end (30 steps give
-    31 entries, 991, 958, ..., 1, and any count in 334..500 gives the 500 steps 999, 997, ..., 1).
-    Where the largest step would be num_train_timesteps itself, outside the schedule (1000 steps
-    of 1000, or 3, 9, 27, 36, 37, ...), ldm fails with an IndexError; this raises a ValueError.
+    As in latent-diffusion, the list has num_steps entries only when num_steps divides
+    num_train_timesteps; otherwise it has extra steps at the noisy end (30 steps give 31). Where
+    ldm would visit t = num_train_timesteps (an IndexError there), this raises a ValueError.
     """
     if num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
@@ -96,20 +84,22 @@ def _cast(coef: Tensor, x: Tensor) -> Tensor:
 
 
 def q_sample(x0: Tensor, t: Timestep, noise: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """Sample q(x_t | x0): sqrt(ā_t) · x0 + sqrt(1 - ā_t) · noise, in x0's dtype."""
+    """Sample q(x_t | x0), the forward process of METHOD.md (2): sqrt(ā_t) · x0 +
+    sqrt(1 - ā_t) · noise, in x0's dtype."""
     a_t = _lookup(alphas_cumprod, t)
     return _cast(a_t.sqrt(), x0) * x0 + _cast((1 - a_t).sqrt(), x0) * noise
 
 
 def predict_x0(x_t: Tensor, eps: Tensor, t: Timestep, alphas_cumprod: Tensor) -> Tensor:
-    """x̂0 = (x_t - sqrt(1 - ā_t) · eps) / sqrt(ā_t), the inverse of q_sample for a known eps."""
+    """x̂0 = (x_t - sqrt(1 - ā_t) · eps) / sqrt(ā_t), the inverse of q_sample for a known eps
+    (METHOD.md (9), first line)."""
     a_t = _lookup(alphas_cumprod, t)
     return (x_t - _cast((1 - a_t).sqrt(), x_t) * eps) / _cast(a_t.sqrt(), x_t)
 
 
 def ddim_step(x_t: Tensor, eps: Tensor, t: Timestep, t_prev: Timestep, alphas_cumprod: Tensor,
               eta: float = 0.0, noise: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """One DDIM step from t to t_prev < t (DDIM eq. 12). Returns (x_prev, x0_pred).
+    """One DDIM step from t to t_prev < t (DDIM eq. 12; METHOD.md (9)). Returns (x_prev, x0_pred).
 
     t_prev < 0 (the step after t = 1) uses ā_prev = ā[0], as latent-diffusion does (diffusers:
     set_alpha_to_one=False), so the returned x_prev is at noise level ā[0], not exactly x0.
@@ -128,29 +118,3 @@ def ddim_step(x_t: Tensor, eps: Tensor, t: Timestep, t_prev: Timestep, alphas_cu
     if eta > 0:
         x_prev = x_prev + _cast(sigma, x_t) * noise
     return x_prev, x0_pred
-
-
-def sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, timesteps: Sequence[int],
-           alphas_cumprod: Tensor, eta: float = 0.0, generator: Optional[torch.Generator] = None,
-           callback: Optional[Callable[[int, int, Tensor, Tensor], None]] = None) -> Tensor:
-    """Run DDIM from x_T through `timesteps` (descending, e.g. ddim_timesteps(50)); return x_0.
-
-    x_0 is ldm's final sample: the last step lands on noise level ā[0] = 0.99915, not on the
-    last x0_pred; for an exact eps-model they differ by sqrt(1 - ā[0]) · eps ≈ 0.029 · eps.
-
-    model(x, t) -> eps is any callable; t is a LongTensor of shape (B,) on x's device, as a UNet
-    takes it. Each step goes to the next entry of `timesteps`, the last one to t_prev = -1
-    (ā_prev = ā[0]). With eta > 0 the step noise is drawn from `generator` (on x_T's device).
-    After step i, callback(i, t, x_prev, x0_pred) is called, if given; its return is ignored.
-    """
-    steps = [int(t) for t in timesteps]
-    x = x_T
-    for i, (t, t_prev) in enumerate(zip(steps, steps[1:] + [-1])):
-        eps = model(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
-        noise = None
-        if eta > 0:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x, x0_pred = ddim_step(x, eps, t, t_prev, alphas_cumprod, eta, noise)
-        if callback is not None:
-            callback(i, t, x, x0_pred)
-    return x

@@ -1,9 +1,7 @@
-"""Reading checkpoints and loading them into modules, loudly.
-
-Every failure is a `WeightsError` whose message is one line naming the file, so command-line
-tools can print it and exit with status 2. The runtime reads only safetensors; pickled `.ckpt`
-files are read by the converter alone, with `torch.load(weights_only=True)`, which refuses any
-object that is not a tensor or a plain container.
+"""Reading checkpoints and loading them into modules, loudly. Every failure is a `WeightsError`
+whose one-line message names the file (command-line tools print it and exit with status 2).
+The runtime reads only safetensors; pickled `.ckpt` files are read by the converter alone, with
+`torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
 """
 from __future__ import annotations
 
@@ -18,14 +16,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-CONVERT_HINT = "convert public weights with: python tools/convert_weights.py SRC OUT_DIR"
+CONVERT_HINT = "convert public weights with: python -m minibldm.convert SRC OUT_DIR"
 
 
 class WeightsError(Exception):
     """A weights file that cannot be read or does not fit the model. The message is one line."""
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
@@ -37,15 +36,13 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise WeightsError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a `.safetensors` file or of a pickled `.ckpt`/`.pt`/`.bin` (safely unpickled).
-
-    A Lightning checkpoint's `state_dict` entry is unwrapped; its other entries (step counters,
-    optimizer states) are ignored. Inside the state dict, anything but a tensor is an error.
-    """
+    A Lightning checkpoint's `state_dict` entry is unwrapped (its step counters and optimizer
+    states are ignored); inside the state dict, anything but a tensor is an error."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
@@ -55,7 +52,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - the unpickler raises many types; all mean "unreadable"
         raise WeightsError(f"{path}: cannot be read as a weights-only checkpoint "
-                           f"({_first_line(e)})") from None
+                           f"({first_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -73,17 +70,12 @@ def _names(keys: list[str], limit: int = 12) -> str:
 
 def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
                      source: str, what: str) -> None:
-    """Raise WeightsError unless `got` has exactly the keys of `expected`, each of the same shape."""
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing: {_names(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {_names(unexpected)}")
-        raise WeightsError(f"{source}: keys do not match the {what} ({'; '.join(parts)}); "
-                           f"{CONVERT_HINT}")
+    """Raise WeightsError unless `got` has exactly the keys of `expected`, each of that shape."""
+    wrong = {"missing": sorted(set(expected) - set(got)),
+             "unexpected": sorted(set(got) - set(expected))}
+    if any(wrong.values()):
+        parts = "; ".join(f"{len(ks)} {how}: {_names(ks)}" for how, ks in wrong.items() if ks)
+        raise WeightsError(f"{source}: keys do not match the {what} ({parts}); {CONVERT_HINT}")
     for k, v in expected.items():
         if tuple(got[k].shape) != tuple(v.shape):
             raise WeightsError(f"{source}: {k} has shape {tuple(got[k].shape)} in the file but "
@@ -119,6 +111,17 @@ def atomic_path(path: str | Path):
             os.unlink(tmp)
 
 
+def read_json(path: str | Path, error: type[Exception] = WeightsError):
+    """A JSON file's value; a missing or unreadable file is an `error` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -131,10 +134,8 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_result(path: str | Path, result: dict, table: str) -> None:
     """A command's result: the JSON at `path` and its markdown table beside it (.md)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(result, indent=1) + "\n")
-    write_text_atomic(path.with_suffix(".md"), table)
+    write_text_atomic(Path(path).with_suffix(".md"), table)
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path,

@@ -10,59 +10,31 @@ Over N DDIM steps i = 0..N-1 (timesteps t_0 > t_1 > ... > t_{N-1}):
      x_OK in pixels under the undilated M*, re-encoded (a posterior sample) and noised back to
      t_i with q_sample. Like the reference code, the noise level is the step's own t_i.
 The reference code's schedule is N=50 with latent editing on steps 26..45 and image editing on
-45..49 (step 45 does both); the paper's stage lengths (50, 30, 5) are `Stages.from_lengths`.
+45..49 (step 45 does both); the paper's stage lengths (50, 30, 5) are `Stages.from_lengths`
+(minibldm/config.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import LATENT_MASKS, Stages
 from .ddim import ddim_step, ddim_timesteps, q_sample
 
 
-@dataclass(frozen=True)
-class Stages:
-    """Stage boundaries of Algorithm 1, as DDIM step indices (defaults: the reference code)."""
-    steps: int = 50              # N, DDIM steps in all
-    latent_start: int = 26       # first step with latent editing (steps before it run free)
-    latent_stop: int = 46        # latent editing on latent_start <= i < latent_stop
-    image_start: int = 45        # image editing on image_start <= i < N
-
-    def __post_init__(self):
-        if not 0 <= self.latent_start <= self.latent_stop <= self.steps:
-            raise ValueError(f"stages need 0 <= latent_start <= latent_stop <= steps: {self}")
-        if not 0 <= self.image_start <= self.steps:
-            raise ValueError(f"stages need 0 <= image_start <= steps: {self}")
-
-    @staticmethod
-    def from_lengths(free: int, latent: int, image: int) -> "Stages":
-        """Consecutive stages of the given lengths, e.g. the paper's (50, 30, 5): 85 steps."""
-        if min(free, latent, image) < 0 or free + latent + image == 0:
-            raise ValueError(f"stage lengths must be >= 0 and not all 0: {free}, {latent}, {image}")
-        return Stages(free + latent + image, free, free + latent, free + latent)
-
-    def edits_latent(self, i: int) -> bool:
-        return self.latent_start <= i < self.latent_stop
-
-    def edits_image(self, i: int) -> bool:
-        return i >= self.image_start
-
-    def timesteps(self) -> Tensor:
-        """N descending timesteps: ldm's list when N divides 1000 (50 -> 981, ..., 1); otherwise
-        its last N entries, as diffusers' "leading" spacing (ldm would run more than N)."""
-        return ddim_timesteps(self.steps)[-self.steps:]
-
-
-LATENT_MASKS = ("nearest", "cover")
+def stage_timesteps(stages: Stages) -> Tensor:
+    """Algorithm 1's t_0 > ... > t_{N-1} (METHOD.md §5): N descending timesteps: ldm's list when N divides 1000 (50 -> 981, ..., 1); otherwise
+    its last N entries, as diffusers' "leading" spacing (ldm would run more than N)."""
+    return ddim_timesteps(stages.steps)[-stages.steps:]
 
 
 def latent_keep_mask(mask: Tensor, latent_hw: tuple[int, int], dilation: int = 5,
                      resize: str = "nearest") -> Tensor:
-    """m = 1 - dilate_k(resize(M*)): 1 where the latent is replaced by z_OK's.
+    """Algorithm 1's latent-editing mask, METHOD.md (10): m = 1 - dilate_k(resize(M*)), 1 where
+    the latent is replaced by z_OK's.
     mask: (B, 1, H, W) in {0, 1} -> (B, 1, h, w).
 
     resize "nearest" (the reference code) reads one pixel per latent cell, so a defect thinner
@@ -81,7 +53,7 @@ def latent_keep_mask(mask: Tensor, latent_hw: tuple[int, int], dilation: int = 5
 
 def guided_eps(unet, control, cond: Tensor, uncond: Tensor, hint: Tensor | None,
                scale: float) -> Callable[[Tensor, Tensor], Tensor]:
-    """eps(z, t) with classifier-free guidance on the text only. The trimap branch reads the
+    """eps(z, t) with classifier-free guidance on the text only, METHOD.md (8). The trimap branch reads the
     empty prompt in the reference code, so its residuals do not depend on the text: they are
     computed once per step and shared by the conditional and unconditional halves (exact)."""
     def eps(z: Tensor, t: Tensor) -> Tensor:
@@ -120,16 +92,16 @@ def blended_sample(eps: Callable[[Tensor, Tensor], Tensor], encode: Callable, de
     randn_like = noise if noise is not None else gaussian(generator)
 
     keep = latent_keep_mask(mask, z_ok.shape[-2:], resize=latent_mask).to(z_ok.dtype)
-    timesteps = stages.timesteps().tolist()
+    timesteps = stage_timesteps(stages).tolist()
     z = randn_like(z_ok)
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         tt = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
-        if stages.edits_latent(i):
+        if stages.edits_latent(i):  # latent editing, METHOD.md (11)
             z = keep * q_sample(z_ok, tt, randn_like(z_ok), alphas_cumprod) + (1 - keep) * z
         noise = randn_like(z) if eta > 0 else None
         z, x0 = ddim_step(z, eps(z, tt), tt, t_prev, alphas_cumprod, eta=eta, noise=noise)
-        if stages.edits_image(i):
+        if stages.edits_image(i):  # image editing, METHOD.md (12)
             blended = decode(x0) * mask + x_ok * (1 - mask)
             z = q_sample(encode(blended, randn_like), tt, randn_like(z), alphas_cumprod)
         if callback is not None:

@@ -7,23 +7,13 @@ cut so that it still ends with end-of-text, then padded with end-of-text. This m
 same ids with one `tokenizers.Tokenizer` (`Tokenizer.backend`; its `save` writes a tokenizer.json
 that ports to other runtimes can read).
 
-The text clean-up reproduces transformers' Python CLIPTokenizer when `ftfy` is not installed
-(it then runs BERT's BasicTokenizer, without accent stripping or punctuation splitting):
-  1. drop U+FFFD and every character of category C (control, format, private use, unassigned),
-     except tab and newlines; turn each run of whitespace into one space;
-  2. NFC, then lower-case (with Python's final-sigma rule);
-  3. each CJK ideograph is a word of its own (BasicTokenizer puts spaces around it).
-Words are then split with CLIP's regex (contractions, letter runs, single digits, runs of other
-symbols), mapped byte by byte to printable characters (GPT-2's table), and merged by BPE with
-`</w>` marking the end of each word. `<|startoftext|>` and `<|endoftext|>` written in a prompt are
-those tokens (matched in the raw text, before any clean-up, as transformers does).
-
-Known differences from the Python tokenizer (tests/test_tokenizer.py pins them): spellings that
-become a special token only after clean-up (`<|EndOfText|>`, `<|end\u200boftext|>`) are text here,
-while its regex makes them special tokens unless they follow a symbol; and characters whose
-Unicode category differs between Python's `unicodedata` and the regex engine's newer tables
-(Python 3.11 drops the ~10k code points that Unicode 15-16 assigned, e.g. U+1FAE8 🫨, as
-unassigned; they are kept here).
+The clean-up reproduces transformers' Python CLIPTokenizer without `ftfy` (BERT's
+BasicTokenizer): drop U+FFFD and category C except tab and newlines, collapse whitespace, NFC,
+lower-case (Python's final-sigma rule), CJK ideographs as words of their own. Then CLIP's word
+regex, GPT-2's byte-to-character table, and BPE with `</w>` ending each word. Special tokens
+written in a prompt are matched in the raw text, as transformers does. The few known differences
+(special-token spellings that appear only after clean-up; code points newer than Python's
+Unicode tables) are pinned by tests/test_tokenizer.py.
 """
 from __future__ import annotations
 

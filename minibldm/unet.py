@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .attention import attention
-from .conv import Conv2d
 from .config import UNetConfig
 
 
@@ -45,11 +44,11 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(),
-                                       Conv2d(channels, out_channels, 3, padding=1))
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(GroupNorm32(groups, out_channels), nn.SiLU(),
                                         nn.Identity(),  # ldm's Dropout(0); keeps index 3 below
-                                        Conv2d(out_channels, out_channels, 3, padding=1))
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
 
@@ -145,7 +144,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -174,7 +173,7 @@ def make_input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
     """The encoder half: conv_in, then per level num_res_blocks x (ResBlock [+ transformer]) and a
     Downsample between levels. Returns the blocks and the channel count after each of them."""
     emb, g = cfg.model_channels * 4, cfg.norm_num_groups
-    blocks = [TimestepEmbedSequential(Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1))]
+    blocks = [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1))]
     chans = [cfg.model_channels]
     ch = cfg.model_channels
     for level, mult in enumerate(cfg.channel_mult):
@@ -224,16 +223,12 @@ class UNet(nn.Module):
                 blocks.append(TimestepEmbedSequential(*layers))
         self.output_blocks = nn.ModuleList(blocks)
         self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(),
-                                 Conv2d(ch, cfg.out_channels, 3, padding=1))
-
-    @property
-    def num_control_residuals(self) -> int:
-        return len(self.input_blocks) + 1
+                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 control: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """x: (B, C, h, w) noisy latent; t: (B,) or () timesteps; context: (B, 77, context_dim).
-        control: None, or the trimap branch's residuals, one per input block then the middle."""
+        """eps_theta(x, t, context) (METHOD.md (3)). x: (B, C, h, w) noisy latent; t: (B,) or ()
+        timesteps; context: (B, 77, context_dim). control: None, or the trimap branch's residuals, one per input block then the middle."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).type(x.dtype))
         skips, h = [], x

@@ -1,9 +1,7 @@
-"""A minibldm weights folder, and `load`.
-
-A folder holds `config.json` (one section per network), one safetensors file per network, and
-the tokenizer's `vocab.json` + `merges.txt`. `tools/convert_weights.py` writes one from public
-checkpoints; `python -m minibldm.train` writes `control.safetensors` into its run folder.
-Only safetensors are read here: nothing is ever unpickled at run time.
+"""A minibldm weights folder, and `load`. A folder holds `config.json` (one section per network),
+one safetensors file per network and the tokenizer's `vocab.json` + `merges.txt`; `python -m
+minibldm.convert` writes one from public checkpoints, `python -m minibldm.train` writes
+`control.safetensors` into its run folder. Only safetensors are read here: nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -15,18 +13,18 @@ import torch
 
 from .autoencoder import Autoencoder
 from .clip import TextEncoder
-from .config import AutoencoderConfig, ModelConfig, TextConfig, UNetConfig
+from .config import AutoencoderConfig, ModelConfig, TextConfig, UNetConfig, from_fields
 from .control import ControlNet
-from .io import WeightsError, load_into, read_safetensors, save_atomic, write_text_atomic
+from .io import (WeightsError, load_into, read_json, read_safetensors, save_atomic,
+                 write_text_atomic)
 from .tokenizer import Tokenizer
 from .unet import UNet
 
-FILES = {"autoencoder": "autoencoder.safetensors", "unet": "unet.safetensors",
-         "text_encoder": "text_encoder.safetensors", "control": "control.safetensors"}
-SECTIONS = {"autoencoder": ("autoencoder", AutoencoderConfig), "unet": ("unet", UNetConfig),
-            "text_encoder": ("text", TextConfig), "control": ("unet", UNetConfig)}
 BUILDERS = {"autoencoder": Autoencoder, "unet": UNet, "text_encoder": TextEncoder,
             "control": ControlNet}
+FILES = {name: f"{name}.safetensors" for name in BUILDERS}
+SECTIONS = {"autoencoder": ("autoencoder", AutoencoderConfig), "unet": ("unet", UNetConfig),
+            "text_encoder": ("text", TextConfig), "control": ("unet", UNetConfig)}
 
 
 @dataclass
@@ -44,10 +42,7 @@ def read_config(weights_dir: str | Path) -> dict:
     path = Path(weights_dir) / "config.json"
     if not path.is_file():
         raise WeightsError(f"{path}: no such file; is {weights_dir} a minibldm weights folder?")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path)
 
 
 def section(raw: dict, name: str, source: str):
@@ -55,11 +50,10 @@ def section(raw: dict, name: str, source: str):
     key, cls = SECTIONS[name]
     if key not in raw:
         raise WeightsError(f"{source}: config.json has no '{key}' section")
-    fields = {f for f in cls.__dataclass_fields__}
-    unknown = sorted(set(raw[key]) - fields)
-    if unknown:
-        raise WeightsError(f"{source}: config.json '{key}' has unknown fields {', '.join(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw[key].items()})
+    try:
+        return from_fields(cls, raw[key])
+    except ValueError as e:
+        raise WeightsError(f"{source}: config.json '{key}': {e}") from None
 
 
 def load_network(name: str, cfg, path: str | Path, device="cpu", dtype=torch.float32):
@@ -78,15 +72,15 @@ def load(weights_dir: str | Path, device: str | torch.device = "cpu",
     if not d.is_dir():
         raise WeightsError(f"{d}: no such weights folder")
     raw = read_config(d)
-    cfgs = {name: section(raw, name, str(d / "config.json")) for name in ("autoencoder", "unet", "text_encoder")}
+    source = str(d / "config.json")
+    cfgs = {name: section(raw, name, source) for name in ("autoencoder", "unet", "text_encoder")}
     nets = {name: load_network(name, cfgs[name], d / FILES[name], device, dtype) for name in cfgs}
     control_path = Path(control) if control is not None else d / FILES["control"]
-    ctrl = None
     if control is not None or control_path.is_file():
-        ctrl = load_network("control", cfgs["unet"], control_path, device, dtype)
-    config = ModelConfig(autoencoder=cfgs["autoencoder"], unet=cfgs["unet"], text=cfgs["text_encoder"])
+        nets["control"] = load_network("control", cfgs["unet"], control_path, device, dtype)
+    config = ModelConfig(cfgs["autoencoder"], cfgs["unet"], cfgs["text_encoder"])
     tok = Tokenizer.from_file(d, max_length=config.text.max_position_embeddings)
-    return Models(config, nets["autoencoder"], nets["unet"], nets["text_encoder"], tok, ctrl)
+    return Models(config, tokenizer=tok, **nets)
 
 
 def save(out_dir: str | Path, configs: dict, state_dicts: dict[str, dict[str, torch.Tensor]],

@@ -6,7 +6,11 @@ import pytest
 import torch
 from conftest import max_abs
 
+from types import SimpleNamespace
+
+from minibldm import fast
 from minibldm.autoencoder import Autoencoder, kl_loss
+from minibldm.fast.conv import GridUpsample
 from minibldm.config import SD15, VQ_F4, VQ_F8, AutoencoderConfig
 from minibldm.convert import autoencoder_from_diffusers, autoencoder_to_diffusers
 from minibldm.io import load_into
@@ -77,19 +81,19 @@ def test_kl_matches_diffusers():
 
 
 @torch.no_grad()
-def test_upsampling_route_matches_diffusers(monkeypatch):
-    """The decoder's upsampling convolutions computed on the input grid (conv.upsample_conv3x3,
-    forced onto every one of the tiny model's) still match diffusers."""
-    import minibldm.conv as conv
-    monkeypatch.setattr(conv, "UPSAMPLE_MIN_CHANNELS", 1)
-    calls = []
-    real = conv.upsample_conv3x3
-    monkeypatch.setattr(conv, "upsample_conv3x3", lambda *a: calls.append(1) or real(*a))
+def test_upsampling_route_matches_diffusers():
+    """fast.optimize's upsampling route (the convolution computed on the input grid), forced
+    onto every one of the tiny model's upsampling levels, still matches diffusers."""
     theirs = perturbed(diffusers.AutoencoderKL(**diffusers_kwargs(TINY_KL)))
     ours = ours_from(theirs, TINY_KL)
+    keys = set(ours.state_dict())
+    fast.optimize(SimpleNamespace(unet=torch.nn.Module(), control=None, autoencoder=ours),
+                  upsample_min_channels=1)
+    routed = [m for m in ours.modules() if isinstance(m, GridUpsample)]
+    assert len(routed) == len(TINY_KL.ch_mult) - 1  # every upsampling level takes the route
+    assert set(ours.state_dict()) == keys
     z = torch.randn(2, 4, 8, 8)
     assert max_abs(ours.decode(z), theirs.decode(z / 0.5).sample) <= 1e-5
-    assert len(calls) == len(TINY_KL.ch_mult) - 1  # every upsampling level took the route
 
 
 def test_old_diffusers_attention_names():
@@ -226,17 +230,20 @@ def test_config_checks_and_separable_decoder():
 
 
 def test_resnet_block_recompute_keeps_less_for_backward_and_changes_nothing():
-    """ResnetBlock.recompute (set by the decoder adaptation): the GroupNorm outputs are computed
-    again in the backward pass instead of kept, so autograd holds fewer bytes at the end of the
-    forward pass; output and gradients are bit-identical."""
+    """fast.adapt.RecomputedResnetBlock (the decoder adaptation's memory saver for big images):
+    the GroupNorm outputs are computed again in the backward pass instead of kept, so autograd
+    holds fewer bytes at the end of the forward pass; output and gradients are bit-identical to
+    the reference ResnetBlock with the same parameters."""
     from minibldm.autoencoder import ResnetBlock
+    from minibldm.fast.adapt import RecomputedResnetBlock
     torch.manual_seed(0)
     block = ResnetBlock(16, 32, 8)
+    recomputed = RecomputedResnetBlock(block)
+    assert set(recomputed.state_dict()) == set(block.state_dict())
     x0 = torch.randn(2, 16, 24, 24)
 
-    def run(recompute: bool):
-        block.recompute = recompute
-        block.zero_grad(set_to_none=True)
+    def run(module):
+        module.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_()
         saved = []
 
@@ -244,12 +251,12 @@ def test_resnet_block_recompute_keeps_less_for_backward_and_changes_nothing():
             saved.append(t.numel() * t.element_size())
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = block(x)
+            y = module(x)
         kept = sum(saved)  # bytes kept for backward (hooks see what each op saves)
         y.square().sum().backward()
-        return y.detach(), x.grad, [p.grad.clone() for p in block.parameters()], kept
-    y0, gx0, gp0, kept0 = run(False)
-    y1, gx1, gp1, kept1 = run(True)
+        return y.detach(), x.grad, [p.grad.clone() for p in module.parameters()], kept
+    y0, gx0, gp0, kept0 = run(block)
+    y1, gx1, gp1, kept1 = run(recomputed)
     assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
     assert all(torch.equal(a, b) for a, b in zip(gp0, gp1))
     act = 2 * 24 * 24 * 4  # bytes of one channel of activations for the batch

@@ -1,4 +1,4 @@
-"""tools/convert_weights.py end to end: public layouts in, a minibldm weights folder out, loaded
+"""`python -m minibldm.convert` end to end: public layouts in, a minibldm weights folder out, loaded
 with `minibldm.load` and checked against the diffusers / transformers models it came from; and
 the one-line errors (exit status 2, nothing written) for bad input."""
 import json
@@ -12,8 +12,9 @@ from conftest import CLIP_VOCAB, max_abs, randomize
 
 import minibldm
 from minibldm import convert
-from minibldm.config import (SD15, VQ_F4, UNetConfig, autoencoder_config_from_state_dict,
-                             text_config_from_state_dict, unet_config_from_state_dict)
+from minibldm.config import SD15, VQ_F4, UNetConfig
+from minibldm.convert import (autoencoder_config_from_state_dict, text_config_from_state_dict,
+                              unet_config_from_state_dict)
 from minibldm.control import ControlNet
 from minibldm.autoencoder import Autoencoder
 from minibldm.unet import UNet
@@ -29,7 +30,16 @@ UCFG = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=
 
 
 def run_tool(*args):
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "minibldm.convert", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_the_tools_path_is_the_same_command(tmp_path):
+    r = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "python -m minibldm.convert" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "missing.ckpt"), tmp_path / "o"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.ckpt" in r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,14 @@ import pytest
 import torch
 from conftest import max_abs
 from PIL import Image
+from test_adapt import adaptation_case, assert_untouched, state
 from test_sample import files, inputs, run  # noqa: F401 (inputs is a fixture)
-from test_sampler import adaptation_case, guided_nets
+from test_sampler import guided_nets
 
-from minibldm.adapt import adapt_decoder, adapt_decoders
-from minibldm.sample import compile_frozen
+from minibldm import adapt, fast
+from minibldm.config import AdaptConfig
 from minibldm.sampler import guided_eps
+from minibldm.weights import Models
 
 CUDA = torch.device(os.environ.get("MINIBLDM_TEST_GPU", "cuda"))
 pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(),
@@ -54,22 +56,46 @@ def test_compiled_guided_step_on_cuda_matches_eager():
     unet, control = unet.to(CUDA), control.to(CUDA)
     cond, uncond, hint = cond.to(CUDA), uncond.to(CUDA), hint.to(CUDA)
     eager = guided_eps(unet, control, cond, uncond, hint, 9.0)
-    fused = guided_eps(compile_frozen(unet, CUDA), compile_frozen(control, CUDA), cond, uncond,
-                       hint, 9.0)
+    fused = guided_eps(fast.compile_frozen(unet, CUDA), fast.compile_frozen(control, CUDA), cond,
+                       uncond, hint, 9.0)
     for t in (900, 20):
         zz, tt = torch.randn(1, 4, 8, 8, generator=g).to(CUDA), torch.tensor([t], device=CUDA)
         want = eager(zz, tt)
         assert max_abs(fused(zz, tt), want) < 1e-4 * max(1.0, want.abs().max().item())
 
 
+@torch.no_grad()
+def test_optimize_leaves_networks_on_cuda_as_they_are():
+    """The CPU routes are measured on CPUs only: on a GPU fast.optimize swaps nothing (the dry
+    run on a CPU sees them swapped)."""
+    unet, control, *_ = guided_nets()
+    ae = adaptation_case(device=CUDA)[0]
+    models = Models(None, ae, unet.to(CUDA), None, None, control.to(CUDA))
+    before = str(models)
+    fast.optimize(models, big_weight=0, small_grid=float("inf"), upsample_min_channels=0)
+    assert (str(models) == before) == (CUDA.type == "cuda")
+
+
+def test_eager_adaptation_on_cuda_matches_the_reference():
+    """fast.adapt_decoder on the GPU (fused AdamW; no channels-last, a CPU choice) against the
+    reference loop."""
+    ae, h, x_ok, mask = adaptation_case(device=CUDA)
+    cfg = AdaptConfig(steps=8, lr=3e-4)
+    out, losses = fast.adapt_decoder(ae.decoder, h, x_ok, mask, cfg)
+    ref, ref_losses = adapt.adapt_decoder(ae.decoder, h, x_ok, mask, cfg)
+    assert out.device == h.device and max_abs(out, ref) < 1e-4
+    assert np.allclose(losses, ref_losses, rtol=1e-4, atol=0)
+
+
 def test_compiled_adaptation_on_cuda_matches_eager():
     """The whole decoder, forward + backward through inductor's Triton kernels."""
     ae, h, x_ok, mask = adaptation_case(device=CUDA)
-    eager, eager_losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=8, lr=3e-4)
-    fused, fused_losses = adapt_decoder(ae.decoder, h, x_ok, mask, steps=8, lr=3e-4, compile=True)
+    cfg = AdaptConfig(steps=8, lr=3e-4)
+    eager, eager_losses = fast.adapt_decoder(ae.decoder, h, x_ok, mask, cfg)
+    fused, fused_losses = fast.adapt_decoder(ae.decoder, h, x_ok, mask, cfg, compile=True)
     assert max_abs(eager, fused) < 1e-4
     assert np.allclose(eager_losses, fused_losses, rtol=1e-4, atol=0)
-    assert eager_losses[-1] < eager_losses[0]
+    assert eager_losses[0][-1] < eager_losses[0][0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -77,26 +103,26 @@ def test_low_precision_decoder_adaptation_on_cuda_follows_float32(dtype):
     """sample --dtype float16 (the GPU default for memory): a float32 copy trained under
     autocast, float16 through a gradient scaler; the caller's decoder stays untouched."""
     ae, h, x_ok, mask = adaptation_case(device=CUDA)
-    _, full = adapt_decoder(ae.decoder, h, x_ok, mask, steps=40, lr=1e-4)
+    cfg = AdaptConfig(steps=40, lr=1e-4)
+    _, full = adapt.adapt_decoder(ae.decoder, h, x_ok, mask, cfg)
     low = copy.deepcopy(ae.decoder).to(dtype)
-    before = {k: v.clone() for k, v in low.state_dict().items()}
-    out, losses = adapt_decoder(low, h.to(dtype), x_ok.to(dtype), mask.to(dtype), steps=40, lr=1e-4)
+    before = state(low)
+    out, losses = fast.adapt_decoder(low, h.to(dtype), x_ok.to(dtype), mask.to(dtype), cfg)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    assert full[-1] < 0.8 * full[0]
-    assert abs(losses[-1] / full[-1] - 1) < 0.15, (losses[-1], full[-1])
-    for k, v in low.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    assert full[0][-1] < 0.8 * full[0][0]
+    assert abs(losses[0][-1] / full[0][-1] - 1) < 0.15, (losses[0][-1], full[0][-1])
+    assert_untouched(low, before)
 
 
 def test_batched_adaptation_on_cuda_matches_one_at_a_time():
     ae, h, x_ok, mask = adaptation_case(2, CUDA)
     x_ok = x_ok.flip(0)  # the two images differ in their targets too
-    out, losses = adapt_decoders(ae.decoder, h, x_ok, mask, steps=6, lr=3e-4)
+    cfg = AdaptConfig(steps=6, lr=3e-4)
+    out, losses = fast.adapt_decoder(ae.decoder, h, x_ok, mask, cfg)
+    ref, ref_losses = adapt.adapt_decoder(ae.decoder, h, x_ok, mask, cfg)  # one at a time
     for i in range(2):
-        alone, alone_losses = adapt_decoder(ae.decoder, h[i:i + 1], x_ok[i:i + 1], mask[i:i + 1],
-                                            steps=6, lr=3e-4)
-        assert max_abs(out[i], alone[0]) < 1e-4
-        assert np.allclose(losses[i], alone_losses, rtol=1e-4, atol=0)
+        assert max_abs(out[i], ref[i]) < 1e-4
+        assert np.allclose(losses[i], ref_losses[i], rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("extra", [["--dtype", "float16"], ["--batch-size", "2", "--compile"]])

@@ -1,5 +1,7 @@
-"""minibldm.data: image and mask reading, both category layouts, the few-shot split and the
-datasets, on tiny categories written here with PIL (and on magnetic_tile when it is present)."""
+"""Reading training data: image and mask files (minibldm.images), both category layouts, the
+few-shot split and the datasets (minibldm.commands.data), the foreground they use
+(minibldm.foreground), on tiny categories written here with PIL (and on magnetic_tile when it is
+present)."""
 import json
 import warnings
 
@@ -9,8 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import MAGNETIC_TILE
-from minibldm import data, masks
-from minibldm.data import DataError
+from minibldm import foreground, images, masks
+from minibldm.commands import data
+from minibldm.images import DataError
 
 
 def rgb(seed: int, H: int = 40, W: int = 48) -> np.ndarray:
@@ -77,10 +80,10 @@ def test_read_image_modes(tmp_path):
     la = np.round(grey.astype(np.float32) * alpha / 255).astype(np.uint8)
     cases["la.png"] = np.repeat(la[..., None], 3, 2)
     for name, want in cases.items():
-        got = data.read_image(tmp_path / name)
+        got = images.read_image(tmp_path / name)
         assert got.dtype == np.uint8 and got.shape == (40, 48, 3), name
         assert np.array_equal(got, want), name
-    assert (data.read_image(tmp_path / "rgba.png")[:, :10] == 0).all()
+    assert (images.read_image(tmp_path / "rgba.png")[:, :10] == 0).all()
     assert Image.open(tmp_path / "deep.png").mode.startswith("I")  # really 16-bit
     assert Image.open(tmp_path / "pal.png").mode == "P"
 
@@ -88,25 +91,25 @@ def test_read_image_modes(tmp_path):
     Image.fromarray(smooth).save(tmp_path / "s.jpg", quality=95)
     Image.fromarray(smooth).convert("CMYK").save(tmp_path / "s_cmyk.jpg", quality=95)
     for name in ("s.jpg", "s_cmyk.jpg"):
-        got = data.read_image(tmp_path / name)
+        got = images.read_image(tmp_path / name)
         assert got.shape == (40, 48, 3) and np.abs(got.astype(int) - smooth).mean() < 4, name
     assert Image.open(tmp_path / "s_cmyk.jpg").mode == "CMYK"
     big = np.zeros((3, 517), np.uint8)  # any size
     Image.fromarray(big).save(tmp_path / "odd.png")
-    assert data.read_image(tmp_path / "odd.png").shape == (3, 517, 3)
+    assert images.read_image(tmp_path / "odd.png").shape == (3, 517, 3)
 
 
 def test_read_image_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="nothere.png"):
-        data.read_image(tmp_path / "nothere.png")
+        images.read_image(tmp_path / "nothere.png")
     (tmp_path / "bad.png").write_bytes(b"not an image at all")
     with pytest.raises(DataError, match="bad.png") as e:
-        data.read_image(tmp_path / "bad.png")
+        images.read_image(tmp_path / "bad.png")
     assert "\n" not in str(e.value)
     Image.fromarray(rgb(0)).save(tmp_path / "cut.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:200])
     with pytest.raises(DataError, match="cut.png"):
-        data.read_image(tmp_path / "cut.png")
+        images.read_image(tmp_path / "cut.png")
 
 
 def test_read_mask(tmp_path):
@@ -116,48 +119,48 @@ def test_read_mask(tmp_path):
     m[6, 8] = 127  # at it: still 0
     m[7, 7] = 128  # just above
     Image.fromarray(m).save(tmp_path / "soft.png")
-    got, binary = data.read_mask(tmp_path / "soft.png")
+    got, binary = images.read_mask(tmp_path / "soft.png")
     assert got.dtype == torch.float32 and got.shape == (10, 12) and not binary
     want = torch.from_numpy(m > 127).float()
     assert torch.equal(got, want)
     Image.fromarray((m > 127).astype(np.uint8) * 255).save(tmp_path / "hard.png")
-    got, binary = data.read_mask(tmp_path / "hard.png")
+    got, binary = images.read_mask(tmp_path / "hard.png")
     assert binary and torch.equal(got, want)
     Image.fromarray((m > 127).astype(np.uint8)).save(tmp_path / "01.png")  # 0/1 file
-    got, binary = data.read_mask(tmp_path / "01.png")
+    got, binary = images.read_mask(tmp_path / "01.png")
     assert binary and torch.equal(got, want)
     red = np.zeros((10, 12, 3), np.uint8)
     red[2:5, 3:7, 0] = 255
     Image.fromarray(red).save(tmp_path / "red.png")
-    assert data.read_mask(tmp_path / "red.png")[0].sum() == 12
+    assert images.read_mask(tmp_path / "red.png")[0].sum() == 12
     Image.fromarray(np.full((10, 12), 90, np.uint8)).save(tmp_path / "empty.png")
     with pytest.raises(DataError, match="empty.png.*empty"):
-        data.read_mask(tmp_path / "empty.png")
+        images.read_mask(tmp_path / "empty.png")
 
 
 def test_to_tensor_and_mask_to_tensor():
     a = rgb(0)
-    t = data.to_tensor(a, 32)
+    t = images.to_tensor(a, 32)
     assert t.shape == (3, 32, 32) and t.dtype == torch.float32
     assert -1 <= t.min() and t.max() <= 1
-    full = data.to_tensor(a)
+    full = images.to_tensor(a)
     assert full.shape == (3, 40, 48)
     assert torch.equal(full, torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1)
     m = torch.zeros(8, 8)
     m[2:4, 4:8] = 1
-    up = data.mask_to_tensor(m, 16)
+    up = images.mask_to_tensor(m, 16)
     assert torch.equal(up, m.repeat_interleave(2, 0).repeat_interleave(2, 1))
     assert set(up.unique().tolist()) <= {0.0, 1.0}
     thin = torch.zeros(256, 256)
     thin[:, 101] = 1  # a 1-px crack that nearest downscaling by 8 would miss
-    small = data.mask_to_tensor(thin, 32)
+    small = images.mask_to_tensor(thin, 32)
     assert small.shape == (32, 32) and small.sum() == 32 and small[:, 12].all()
     diagonal = torch.eye(256).flip(1)  # nearest keeps dashes of it at 100 px
-    small = data.mask_to_tensor(diagonal, 100)
+    small = images.mask_to_tensor(diagonal, 100)
     assert masks.count_components(small) == 1 and small.sum() < 300
     blob = torch.zeros(256, 256)
     blob[40:200, 30:90] = 1  # a thick mask keeps plain nearest
-    assert torch.equal(data.mask_to_tensor(blob, 64), blob[2::4, 2::4])
+    assert torch.equal(images.mask_to_tensor(blob, 64), blob[2::4, 2::4])
 
 
 # ---- categories -------------------------------------------------------------------------------
@@ -270,7 +273,7 @@ def test_pair_dataset_items_are_reproducible_and_sane(tmp_path):
                           cache_dir=tmp_path / "cache")
     again = data.PairDataset(c, split, size=32, seed=7, length=50, p_empty_prompt=0.3,
                              cache_dir=tmp_path / "cache")
-    fg = data.mask_to_tensor(torch.from_numpy(np.asarray(Image.open(
+    fg = images.mask_to_tensor(torch.from_numpy(np.asarray(Image.open(
         c.root / "foreground" / "train" / "good" / "000.png")) > 0), 32)
     train = {r for part in split["defects"].values() for r in part["train"]}
     prompts, defects = [], set()
@@ -285,7 +288,7 @@ def test_pair_dataset_items_are_reproducible_and_sane(tmp_path):
         m = a["mask"][0]
         assert (m * (1 - fg)).sum() == 0  # inside F
         assert torch.equal(a["hint"], masks.trimap(m, fg))
-        good = data.to_tensor(data.read_image(c.root / a["info"]["good"]), 32)
+        good = images.to_tensor(images.read_image(c.root / a["info"]["good"]), 32)
         assert torch.allclose(a["image"][:, m == 0], good[:, m == 0], atol=1e-6)
         assert a["info"]["source"] in train and a["info"]["source"].startswith(
             f"test/{a['defect']}/")
@@ -304,34 +307,49 @@ def test_pair_dataset_items_are_reproducible_and_sane(tmp_path):
         data.PairDataset(c, split, defects=["rust"])
 
 
-def test_decoded_images_are_kept_in_memory(tmp_path, monkeypatch):
+def test_decoded_images_are_kept_in_memory(tmp_path):
+    """An item made once is made again from memory, its files unread; a cache with room for
+    one decoded image has to read them again."""
     c, split = category_with_foreground(tmp_path)
     ds = data.PairDataset(c, split, size=32)
     tiny = data.PairDataset(c, split, size=32, cache_size=1)
     first = ds[0]
-    calls = []
-    real = data.read_image
-    monkeypatch.setattr(data, "read_image", lambda p: calls.append(p) or real(p))
-    assert torch.equal(ds[0]["image"], first["image"]) and calls == []
-    tiny[0], tiny[0]
-    assert len(calls) >= 6  # image, mask, foreground, twice: nothing stays with room for one
+    assert torch.equal(tiny[0]["image"], first["image"])
+    assert {key[0] for key in ds.decoded.items} == {"image", "mask", "foreground"}
+    assert len(tiny.decoded.items) == 1
+    for f in [f for f in c.root.rglob("*") if f.is_file()]:  # nothing is left to read
+        f.unlink()
+    again = ds[0]
+    assert torch.equal(again["image"], first["image"]) and torch.equal(again["hint"], first["hint"])
+    with pytest.raises(DataError, match="no such file"):
+        tiny[0]
 
 
-def test_pair_dataset_estimates_and_caches_the_foreground(tmp_path, monkeypatch):
+def test_pair_dataset_estimates_and_caches_the_foreground(tmp_path):
+    """Without a foreground folder F is estimated once per good image and cached on disk as a
+    PNG; a new dataset reads the cache instead of estimating again."""
     c, split = category_with_foreground(tmp_path)
     c.foreground_dir = None
-    calls = []
-    real = masks.estimate_foreground
-    monkeypatch.setattr(masks, "estimate_foreground", lambda im: calls.append(1) or real(im))
-    ds = data.PairDataset(c, split, size=32, cache_dir=tmp_path / "cache")
-    for i in range(12):
-        ds[i]
-    used = len({ds[i]["info"]["good"] for i in range(12)})
-    assert len(calls) == used  # once per good image
-    data.PairDataset(c, split, size=32, cache_dir=tmp_path / "cache")[0]
-    assert len(calls) == used  # a new dataset reads the disk cache
-    c.texture = True
-    tex = data.PairDataset(c, split, size=32, cache_dir=tmp_path / "cache")
+    cache = tmp_path / "cache"
+    ds = data.PairDataset(c, split, size=32, cache_dir=cache)
+    used = {ds[i]["info"]["good"] for i in range(12)}
+    assert used == {c.rel(p) for p in c.good}
+    cached = [torch.from_numpy(np.asarray(Image.open(p)) > 127).float() for p in cache.iterdir()]
+    assert len(cached) == len(used)  # one file per good image: the estimate
+    for rel in used:
+        estimate = foreground.estimate_foreground(images.read_image(c.root / rel))
+        assert any(torch.equal(estimate, k) for k in cached), rel
+
+    planted = np.zeros((40, 48), np.uint8)  # a new dataset takes F from the files, as they are
+    planted[2:38, 0:30] = 255
+    for p in cache.iterdir():
+        Image.fromarray(planted).save(p, format="PNG")
+    want = images.mask_to_tensor(torch.from_numpy(planted > 127), 32) > 0.5
+    assert not torch.equal(ds[0]["hint"][0] > 0, want)
+    assert torch.equal(data.PairDataset(c, split, size=32, cache_dir=cache)[0]["hint"][0] > 0, want)
+
+    c.texture = True  # a texture's F is the whole image, whatever the cache holds
+    tex = data.PairDataset(c, split, size=32, cache_dir=cache)
     assert torch.equal(tex[0]["hint"][0] > 0, torch.ones(32, 32, dtype=torch.bool))
 
 
@@ -347,7 +365,7 @@ def test_good_dataset(tmp_path):
     long = data.GoodDataset(c, size=24, seed=1, split=split, length=200,
                             prompt_fn=lambda o, d: f"{o}|{d}")
     assert len(long) == 200 and long[4]["prompt"] in ("widget|scratch", "widget|dent mark", "")
-    base = data.to_tensor(data.read_image(c.good[0]), 24)
+    base = images.to_tensor(images.read_image(c.good[0]), 24)
     seen = set()
     for i in range(0, 200, 10):  # image 0 in twenty epochs
         x = long[i]["image"]
@@ -379,8 +397,8 @@ def test_good_dataset_masks_follow_the_flips(tmp_path):
         if not defect:
             assert mask_path is None and not item["mask"].any()
             continue
-        image = data.to_tensor(data.read_image(path), 24)
-        mask = data.mask_to_tensor(data.read_mask(mask_path)[0], 24).float()[None]
+        image = images.to_tensor(images.read_image(path), 24)
+        mask = images.mask_to_tensor(images.read_mask(mask_path)[0], 24).float()[None]
         assert mask.any()
         # the item's flips, found from the image, must be the mask's too
         def flipped(x, fy, fx):
@@ -414,5 +432,5 @@ def test_magnetic_tile(tmp_path):
         assert (x["hint"][0] > 0).all()  # texture: F is everything
         assert set(x["hint"][0].unique().tolist()) == {0.5, 1.0}
     # the estimate on a close-up tile finds no background, i.e. the whole tile
-    fg = masks.estimate_foreground(data.read_image(c.good[0]))
+    fg = foreground.estimate_foreground(images.read_image(c.good[0]))
     assert fg.mean() > 0.95

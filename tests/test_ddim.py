@@ -7,6 +7,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from minibldm import ddim
+from minibldm.config import Stages
+from minibldm.sampler import blended_sample
 from conftest import max_abs
 
 T = 1000
@@ -194,7 +196,25 @@ def test_ddim_step_noise_rules():
     assert torch.equal(plain, ignored) and max_abs(plain, noisy) > 1e-3
 
 
-# ---- the loop ---------------------------------------------------------------------------------
+# ---- the loop: the method's own (sampler.blended_sample), with stages that never edit ---------
+
+def ddim_loop(model, x_T, n, eta=0.0, generator=None, callback=None):
+    """Plain DDIM from x_T over ldm's n uniform steps, through sampler.blended_sample with no
+    editing stage (the loop the method runs); x_T is its first draw, the rest come from
+    `generator`."""
+    first = [x_T]
+
+    def noise(like):
+        if first:
+            return first.pop()
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype)
+
+    def never(*_):
+        raise AssertionError("no editing stage may run")
+    mask = torch.zeros(x_T.shape[0], 1, *x_T.shape[-2:])
+    return blended_sample(model, never, never, x_T, x_T, mask, ddim.alphas_cumprod(),
+                          Stages(n, n, n, n), eta=eta, callback=callback, noise=noise)
+
 
 def point_mass_eps(x0_star: torch.Tensor, ac: torch.Tensor):
     """The exact eps-model for data that is always x0_star: eps = (x_t - √ā_t x0*) / √(1 - ā_t)."""
@@ -205,13 +225,13 @@ def point_mass_eps(x0_star: torch.Tensor, ac: torch.Tensor):
     return model
 
 
-def test_sample_point_mass_eta0_recovers_x0():
+def test_loop_point_mass_eta0_recovers_x0():
     ac = ddim.alphas_cumprod()
     x0_star = randn64(2, 4, 8, 8)
     x_T = randn64(2, 4, 8, 8)
     seen = []
-    out = ddim.sample(point_mass_eps(x0_star, ac), x_T, ddim.ddim_timesteps(50), ac,
-                      callback=lambda i, t, x, x0: seen.append((i, t, x0)))
+    out = ddim_loop(point_mass_eps(x0_star, ac), x_T, 50,
+                    callback=lambda i, t, x, x0: seen.append((i, t, x0)))
     assert [(i, t) for i, t, _ in seen] == list(enumerate(range(981, 0, -20)))
     assert max(max_abs(x0, x0_star) for _, _, x0 in seen) <= 1e-9
     # DDIM eta=0 keeps eps fixed along the path, and the last step lands on ā[0] (ldm), so the
@@ -222,21 +242,21 @@ def test_sample_point_mass_eta0_recovers_x0():
     assert max_abs(out, x0_star) <= 0.03 * eps_T.abs().max().item()
 
 
-def test_sample_point_mass_eta_positive_is_seeded():
+def test_loop_point_mass_eta_positive_is_seeded():
     ac = ddim.alphas_cumprod()
     x0_star, x_T = randn64(1, 4, 8, 8), randn64(1, 4, 8, 8)
-    model, ts = point_mass_eps(x0_star, ac), ddim.ddim_timesteps(20)
+    model = point_mass_eps(x0_star, ac)
     seen = []
-    a = ddim.sample(model, x_T, ts, ac, eta=0.5, generator=torch.Generator().manual_seed(1),
-                    callback=lambda i, t, x, x0: seen.append(x0))
-    b = ddim.sample(model, x_T, ts, ac, eta=0.5, generator=torch.Generator().manual_seed(1))
-    c = ddim.sample(model, x_T, ts, ac, eta=0.5, generator=torch.Generator().manual_seed(2))
+    a = ddim_loop(model, x_T, 20, eta=0.5, generator=torch.Generator().manual_seed(1),
+                  callback=lambda i, t, x, x0: seen.append(x0))
+    b = ddim_loop(model, x_T, 20, eta=0.5, generator=torch.Generator().manual_seed(1))
+    c = ddim_loop(model, x_T, 20, eta=0.5, generator=torch.Generator().manual_seed(2))
     assert len(seen) == 20 and max(max_abs(x0, x0_star) for x0 in seen) <= 1e-9
     assert torch.equal(a, b) and max_abs(a, c) > 1e-4
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_sample_matches_a_diffusers_loop(eta):
+def test_loop_matches_a_diffusers_loop(eta):
     n = 50
     scheduler = sd15_scheduler(n)
 
@@ -246,8 +266,7 @@ def test_sample_matches_a_diffusers_loop(eta):
     def model(x, t):  # a wrong but well-behaved model: exact eps plus a smooth, t-dependent error
         return exact(x, t) + 0.2 * torch.sin(3 * x) * (t.float() / T).view(-1, 1, 1, 1)
 
-    out = ddim.sample(model, x_T, ddim.ddim_timesteps(n), ddim.alphas_cumprod(), eta=eta,
-                      generator=torch.Generator().manual_seed(3))
+    out = ddim_loop(model, x_T, n, eta=eta, generator=torch.Generator().manual_seed(3))
 
     g, x = torch.Generator().manual_seed(3), x_T
     for t in scheduler.timesteps:
@@ -258,8 +277,9 @@ def test_sample_matches_a_diffusers_loop(eta):
     assert max_abs(out, x) <= 1e-5
 
 
-def test_sample_steps_between_neighbours_of_any_descending_list():
-    """Each step goes to the next listed timestep (ldm), not to t minus a fixed stride."""
+@pytest.mark.parametrize("n", [7, 30])
+def test_loop_follows_eq12_when_n_does_not_divide_1000(n):
+    """Each step goes to the next listed timestep, the last to ā[0] (ldm); written out here."""
     ac = ddim.alphas_cumprod()
     x0_star, x_T = randn64(1, 4, 8, 8), randn64(1, 4, 8, 8)
     exact = point_mass_eps(x0_star, ac)
@@ -267,9 +287,9 @@ def test_sample_steps_between_neighbours_of_any_descending_list():
     def model(x, t):
         return exact(x, t) + 0.2 * torch.sin(3 * x)
 
-    ts = [951, 700, 333, 90, 7]
-    out = ddim.sample(model, x_T, torch.tensor(ts), ac)
-
+    out = ddim_loop(model, x_T, n)
+    ts = ddim.ddim_timesteps(n)[-n:].tolist()
+    assert len(ts) == n
     x = x_T  # eq. 12 with eta = 0, written out here
     for t, t_prev in zip(ts, ts[1:] + [0]):
         a, a_prev = ac[t].item(), ac[t_prev].item()

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minibldm.demo import DEMO_DEFECTS, FG_WEIGHT
-from minibldm.sample import DEFAULT_WEIGHTS
-from minibldm.synth import CATEGORIES
+from minibldm.commands.demo import DEMO_DEFECTS, FG_WEIGHT
+from minibldm.commands.sample import DEFAULT_WEIGHTS
+from minibldm.commands.synth import CATEGORIES
 
 
 @pytest.mark.slow
@@ -60,3 +60,12 @@ def test_demo_runs_from_nothing(tmp_path):
                        text=True)
     assert r.returncode == 0, r.stderr
     assert {p: p.read_bytes() for p in out.rglob("*.png")} == before
+
+    # a fresh run elsewhere writes the same bytes: inputs, defect images, masks and previews
+    (tmp_path / "again").mkdir()
+    r = subprocess.run([sys.executable, "-m", "minibldm.sample"], cwd=tmp_path / "again",
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    again = {p.relative_to(tmp_path / "again" / "minibldm_demo"): p.read_bytes()
+             for p in (tmp_path / "again" / "minibldm_demo").rglob("*.png")}
+    assert again == {p.relative_to(out): b for p, b in before.items()}

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from minibldm import baselines, metrics
-from minibldm.data import DecodedImages, PairDataset, load_or_make_split, make_split, read_category
-from minibldm.evaluate import METRICS, main
-from minibldm.synth import image_rng, make_defect, make_good, write_dataset
+from minibldm.commands.data import (DecodedImages, PairDataset, load_or_make_split, make_split,
+                                    read_category)
+from minibldm.commands.synth import image_rng, make_defect, make_good, write_dataset
+from minibldm.eval import baselines, metrics
+from minibldm.eval.evaluate import METRICS, defect_source, main
 
 K = 2
 FAST = ["--k", str(K), "--steps", "3", "--size", "64", "--batch-size", "4"]
@@ -265,7 +266,6 @@ def test_minibldm_method_reads_a_generated_folder(tmp_path, data):
 
 
 def test_minibldm_plus_real_pools_the_real_and_generated_defects(tmp_path, data):
-    from minibldm.evaluate import defect_source
     cat = read_category(data)
     split = make_split(cat, K, 0)
     gen = fake_generated(tmp_path / "gen", data, data / "train" / "good" / "000.png", None)

@@ -19,9 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from minibldm import genquality as gq
-from minibldm.data import make_split, read_category, resize_image
-from minibldm.synth import write_dataset
+from minibldm.commands.data import make_split, read_category
+from minibldm.commands.synth import write_dataset
+from minibldm.eval import genquality as gq
+from minibldm.eval.literature import ic_lpips
+from minibldm.images import resize_image
 
 K = 2
 DEFECT = "hole"
@@ -37,24 +39,24 @@ def test_ic_lpips_clusters_by_hand():
     # centres 0, 10, 100, 1000 on a line; 1 and 3 are nearest 0, 9 and 12 nearest 10, 96
     # nearest 100, none nearest 1000. Cluster scores: |1-3| = 2, |9-12| = 3, singleton {96} and
     # the empty cluster have no pairs and are left out: (2 + 3) / 2 = 2.5.
-    r = gq.ic_lpips([1.0, 9.0, 3.0, 96.0, 12.0], [0.0, 10.0, 100.0, 1000.0], line_distance)
+    r = ic_lpips([1.0, 9.0, 3.0, 96.0, 12.0], [0.0, 10.0, 100.0, 1000.0], line_distance)
     assert [c["members"] for c in r["clusters"]] == [2, 2, 1, 0]
     assert [c["score"] for c in r["clusters"]] == [2.0, 3.0, None, None]
     assert r["score"] == pytest.approx(2.5)
     # no cluster with two members: no score
-    assert gq.ic_lpips([1.0, 11.0], [0.0, 10.0], line_distance)["score"] is None
+    assert ic_lpips([1.0, 11.0], [0.0, 10.0], line_distance)["score"] is None
 
 
 def test_ic_lpips_cap_and_ties():
     # all four join centre 0. Pairs of 1, 2, 4, 8: 1 3 7 2 6 4, mean 23/6. Capped at the first
     # three (1, 2, 4): 1 3 2, mean 2.
     gen = [1.0, 2.0, 4.0, 8.0]
-    assert gq.ic_lpips(gen, [0.0], line_distance, cap=4)["score"] == pytest.approx(23 / 6)
-    capped = gq.ic_lpips(gen, [0.0], line_distance, cap=3)
+    assert ic_lpips(gen, [0.0], line_distance, cap=4)["score"] == pytest.approx(23 / 6)
+    capped = ic_lpips(gen, [0.0], line_distance, cap=3)
     assert capped["score"] == pytest.approx(2.0)
     assert capped["clusters"] == [{"members": 4, "used": 3, "score": pytest.approx(2.0)}]
     # 5 is as far from 0 as from 10: it goes to the first centre
-    tie = gq.ic_lpips([5.0, 5.0, 6.0], [0.0, 10.0], line_distance)
+    tie = ic_lpips([5.0, 5.0, 6.0], [0.0, 10.0], line_distance)
     assert [c["members"] for c in tie["clusters"]] == [2, 1] and tie["score"] == 0.0
 
 
@@ -198,7 +200,7 @@ def test_end_to_end_without_the_optional_packages(tmp_path, data, monkeypatch):
 
 def test_a_larger_source_is_resized_as_minibldm_sample_does(tmp_path, data, monkeypatch):
     # generated at 32x32 from 64x64 sources: the background is exactly sample.py's resize of
-    # the source (data.resize_image), so the PSNR is the cap for an identical background
+    # the source (images.resize_image), so the PSNR is the cap for an identical background
     hide_packages(monkeypatch)
     make_generated(tmp_path / "gen", data, n=2)
     for i, line in enumerate((tmp_path / "gen" / "manifest.jsonl").read_text().splitlines()):

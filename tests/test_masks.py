@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minibldm import masks
-from minibldm.data import DataError
+from minibldm import foreground, masks
+from minibldm.images import DataError
 
 
 def gen(seed: int) -> torch.Generator:
@@ -112,10 +112,10 @@ def object_on_background(seed: int = 0, H: int = 150, W: int = 180):
 
 def test_estimate_foreground_object_on_dark_background():
     im, truth = object_on_background()
-    f = masks.estimate_foreground(im).numpy() > 0.5
+    f = foreground.estimate_foreground(im).numpy() > 0.5
     assert f.shape == truth.shape
     assert (f & truth).sum() / (f | truth).sum() > 0.9
-    f2 = masks.estimate_foreground(torch.from_numpy(im)).numpy() > 0.5  # tensors too
+    f2 = foreground.estimate_foreground(torch.from_numpy(im)).numpy() > 0.5  # tensors too
     assert (f2 == f).all()
 
 
@@ -123,7 +123,7 @@ def test_estimate_foreground_drops_specks_and_fills_holes():
     im, truth = object_on_background(1)
     im[10:20, 150:160] = [170, 140, 90]  # a speck of object colour on the background
     im[75:85, 70:80] = 30  # a hole of background colour in the object
-    f = masks.estimate_foreground(im).numpy() > 0.5
+    f = foreground.estimate_foreground(im).numpy() > 0.5
     assert not f[10:20, 150:160].any() and f[75:85, 70:80].all()
     assert (f & truth).sum() / (f | truth).sum() > 0.9
 
@@ -135,7 +135,7 @@ def test_estimate_foreground_keeps_a_large_hole():
     truth = (r2 < 55 ** 2) & (r2 >= 25 ** 2)  # a washer: its hole is background
     im = np.where(truth[..., None], np.array([150, 150, 160]), 25)
     im = im + rng.normal(0, 10, (160, 160, 3))
-    f = masks.estimate_foreground(np.clip(im, 0, 255).astype(np.uint8)).numpy() > 0.5
+    f = foreground.estimate_foreground(np.clip(im, 0, 255).astype(np.uint8)).numpy() > 0.5
     assert (f & truth).sum() / (f | truth).sum() > 0.9 and not f[70:90, 70:90].any()
 
 
@@ -145,7 +145,7 @@ def test_estimate_foreground_ignores_faint_colour_noise_on_grey():
     truth = ((yy - 80) / 45) ** 2 + ((xx - 85) / 50) ** 2 < 1
     lum = np.where(truth, 150.0, 60.0) + rng.normal(0, 25, (150, 180))
     im = lum[..., None] + rng.normal(0, 5, (150, 180, 3))  # chroma is noise only: keep it small
-    f = masks.estimate_foreground(np.clip(im, 0, 255).astype(np.uint8)).numpy() > 0.5
+    f = foreground.estimate_foreground(np.clip(im, 0, 255).astype(np.uint8)).numpy() > 0.5
     assert (f & truth).sum() / (f | truth).sum() > 0.965
 
 
@@ -155,8 +155,8 @@ def test_estimate_foreground_mixed_border_is_all_foreground():
     im[(yy - 150) ** 2 + (xx - 180) ** 2 < 135 ** 2] = [200, 160, 40]  # half the border each
     im += np.random.default_rng(0).normal(0, 15, im.shape)
     im = np.clip(im, 0, 255).astype(np.uint8)
-    assert masks.estimate_foreground(im).all()  # no single background: a surface
-    assert not masks.estimate_foreground(im, min_border_purity=0.0).all()  # the rule decides
+    assert foreground.estimate_foreground(im).all()  # no single background: a surface
+    assert not foreground.estimate_foreground(im, min_border_purity=0.0).all()  # the rule decides
 
 
 def test_estimate_foreground_texture_is_all_foreground():
@@ -166,7 +166,7 @@ def test_estimate_foreground_texture_is_all_foreground():
     lit_stripes = (128 + 50 * np.sin(xx / 3.0))[..., None] * (0.6 + 0.4 * np.exp(
         -((xx - 64) ** 2 + (yy - 64) ** 2) / 3000))[..., None] + rng.normal(0, 8, (128, 128, 3))
     for t in (noise, lit_stripes):
-        f = masks.estimate_foreground(np.clip(t, 0, 255).astype(np.uint8))
+        f = foreground.estimate_foreground(np.clip(t, 0, 255).astype(np.uint8))
         assert f.mean() > 0.95
 
 
@@ -174,30 +174,27 @@ def test_foreground_for_caches_the_estimate(tmp_path, monkeypatch):
     im, truth = object_on_background()
     path = tmp_path / "a.png"
     Image.fromarray(im).save(path)
-    calls = []
-    real = masks.estimate_foreground
-
-    def counting(image):
-        calls.append(1)
-        return real(image)
-
-    monkeypatch.setattr(masks, "estimate_foreground", counting)
     cache = tmp_path / "cache"
-    f1 = masks.foreground_for(path, im, cache_dir=cache)
-    f2 = masks.foreground_for(path, None, cache_dir=cache)
-    assert len(calls) == 1 and torch.equal(f1, f2)
-    assert len(list(cache.glob("*.png"))) == 1 and not list(cache.glob("*.tmp"))
+    f1 = foreground.foreground_for(path, im, cache_dir=cache)
+    assert torch.equal(f1, foreground.estimate_foreground(im))
+    (entry,) = cache.glob("*.png")
+    assert not list(cache.glob("*.tmp"))
+    marked = np.zeros(im.shape[:2], np.uint8)
+    marked[:5] = 255  # a cache entry no estimate would give: read back, not recomputed
+    Image.fromarray(marked).save(entry)
+    assert torch.equal(foreground.foreground_for(path, None, cache_dir=cache),
+                       torch.from_numpy(marked > 127).float())
     other = tmp_path / "b.png"  # other bytes, other key
     Image.fromarray(255 - im).save(other)
-    masks.foreground_for(other, None, cache_dir=cache)
-    assert len(calls) == 2 and len(list(cache.glob("*.png"))) == 2
-    for p in cache.glob("*.png"):
-        p.write_bytes(b"damaged")  # a damaged entry is recomputed and rewritten
-    assert torch.equal(masks.foreground_for(path, im, cache_dir=cache), f1) and len(calls) == 3
-    assert torch.equal(masks.foreground_for(path, im, cache_dir=cache), f1) and len(calls) == 3
+    foreground.foreground_for(other, None, cache_dir=cache)
+    assert len(list(cache.glob("*.png"))) == 2
+    entry.write_bytes(b"damaged")  # a damaged entry is recomputed and rewritten
+    assert torch.equal(foreground.foreground_for(path, im, cache_dir=cache), f1)
+    assert torch.equal(torch.from_numpy(np.asarray(Image.open(entry)) > 127).float(), f1)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert masks.default_cache_dir() == tmp_path / "xdg" / "minibldm" / "foreground"
-    assert masks.foreground_for(path, im, texture=True).all() and len(calls) == 3
+    assert foreground.default_cache_dir() == tmp_path / "xdg" / "minibldm" / "foreground"
+    assert foreground.foreground_for(path, im, texture=True).all()
+    assert not (tmp_path / "xdg").exists()  # a texture needs no estimate and no cache
 
 
 def test_foreground_for_reads_the_users_folder(tmp_path):
@@ -207,15 +204,15 @@ def test_foreground_for_reads_the_users_folder(tmp_path):
     (tmp_path / "fg" / "train" / "good").mkdir(parents=True)
     Image.fromarray(fg).save(tmp_path / "fg" / "train" / "good" / "007.png")
     Image.fromarray(255 - fg).save(tmp_path / "fg" / "008_mask.png")
-    got = masks.foreground_for(tmp_path / "x" / "007.jpg", im, fg_dir=tmp_path / "fg",
+    got = foreground.foreground_for(tmp_path / "x" / "007.jpg", im, fg_dir=tmp_path / "fg",
                                rel="train/good/007.jpg")
     assert torch.equal(got, torch.from_numpy(fg > 0).float())
-    got = masks.foreground_for(tmp_path / "x" / "008.jpg", im, fg_dir=tmp_path / "fg")
+    got = foreground.foreground_for(tmp_path / "x" / "008.jpg", im, fg_dir=tmp_path / "fg")
     assert torch.equal(got, torch.from_numpy(fg == 0).float())
     with pytest.raises(DataError, match="009.jpg"):
-        masks.foreground_for(tmp_path / "x" / "009.jpg", im, fg_dir=tmp_path / "fg")
+        foreground.foreground_for(tmp_path / "x" / "009.jpg", im, fg_dir=tmp_path / "fg")
     with pytest.raises(DataError, match="007.png.*px"):  # a mask of another size
-        masks.foreground_for(tmp_path / "x" / "007.jpg", im[:-1], fg_dir=tmp_path / "fg",
+        foreground.foreground_for(tmp_path / "x" / "007.jpg", im[:-1], fg_dir=tmp_path / "fg",
                              rel="train/good/007.jpg")
 
 
@@ -247,13 +244,18 @@ def test_affine_rotation_matches_pil(angle):
     assert best_iou(wrong.numpy() > 0.5, ref) < 0.75
 
 
+def random_affine(mask, g, rotation=masks.ROTATION, scale=masks.SCALE):
+    """The paper's random affine of a mask: draw_affine's parameters applied by affine_crop."""
+    angle, s = masks.draw_affine(g, rotation, scale)
+    return masks.affine_crop(mask, angle, s)[0], {"angle": angle, "scale": s}
+
+
 def test_random_affine_ranges_and_area():
     m = l_shape()
     area = m.sum().item()
     angles = []
     for seed in range(40):
-        crop, img, p = masks.random_affine(m, gen(seed))
-        assert img is None
+        crop, p = random_affine(m, gen(seed))
         assert 0.0 <= p["angle"] < 360.0 and 0.85 <= p["scale"] < 1.15
         ratio = crop.sum().item() / area
         assert 0.85 ** 2 * 0.93 < ratio < 1.15 ** 2 * 1.07, (p, ratio)
@@ -262,7 +264,7 @@ def test_random_affine_ranges_and_area():
         assert crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any()
         angles.append(p["angle"])
     assert max(angles) - min(angles) > 270  # the whole circle is drawn from
-    crop, _, p = masks.random_affine(m, gen(0), rotation=(10.0, 20.0), scale=(2.0, 2.0))
+    crop, p = random_affine(m, gen(0), rotation=(10.0, 20.0), scale=(2.0, 2.0))
     assert 10 <= p["angle"] < 20 and p["scale"] == 2.0
     assert abs(crop.sum().item() / area - 4.0) < 0.2
 
@@ -281,13 +283,13 @@ def test_affine_keeps_tiny_and_thin_masks_whole():
         assert masks.affine_crop(dot, angle, 1.0)[0].sum() == 1
     broken = 0
     for seed in range(30):
-        crop, _, p = masks.random_affine(dot, gen(seed))
+        crop, p = random_affine(dot, gen(seed))
         assert crop.sum() >= 1, p
-        crop, _, p = masks.random_affine(line, gen(seed), scale=(0.7, 1.15))
+        crop, p = random_affine(line, gen(seed), scale=(0.7, 1.15))
         assert masks.count_components(crop) == 1, p
-        crop, _, p = masks.random_affine(wiggle, gen(seed), scale=(0.7, 1.15))
+        crop, p = random_affine(wiggle, gen(seed), scale=(0.7, 1.15))
         broken += masks.count_components(crop) > 1
-        crop, _, p = masks.random_affine(disk, gen(seed))  # thick masks keep the 0.5 threshold
+        crop, p = random_affine(disk, gen(seed))  # thick masks keep the 0.5 threshold
         assert abs(crop.sum().item() / disk.sum().item() / p["scale"] ** 2 - 1) < 0.06, p
     assert broken <= 2
 
@@ -329,16 +331,17 @@ def test_translate_only_keeps_the_shape():
         assert torch.equal(m[y:y + 25, x:x + 40], crop) and m.sum() == crop.sum()
 
 
-def test_place_in_foreground_shrinks_then_fails():
+def test_placement_shrinks_then_fails():
     fg = torch.zeros(50, 50)
     fg[10:28, 10:28] = 1  # 18x18
     sq = torch.ones(20, 20)
-    m, info = masks.place_in_foreground(sq, fg, gen(0))
+    m, info = masks.sample_defect_mask([sq], fg, gen(0), translate_only=True)
     assert info["shrink"] < 1.0 and (m * (1 - fg)).sum() == 0 and m.sum() > 0
-    m, info = masks.place_in_foreground(torch.ones(10, 10), fg, gen(0))
+    m, info = masks.sample_defect_mask([torch.ones(10, 10)], fg, gen(0), translate_only=True)
     assert info["shrink"] == 1.0 and m.sum() == 100 and (m * (1 - fg)).sum() == 0
     with pytest.raises(masks.PlacementError, match="does not fit"):
-        masks.place_in_foreground(torch.ones(40, 40), fg, gen(0), max_shrinks=2)
+        masks.sample_defect_mask([torch.ones(40, 40)], fg, gen(0), translate_only=True,
+                                 max_shrinks=2)
     with pytest.raises(masks.PlacementError):
         masks.sample_defect_mask([sq], torch.zeros(50, 50), gen(0))
 

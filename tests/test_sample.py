@@ -209,10 +209,9 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, inputs, how, needle):
 
 
 def test_no_arguments_without_bundled_weights_says_what_it_needs(tmp_path, monkeypatch, capsys):
-    from minibldm import sample
-    monkeypatch.setattr(sample, "DEFAULT_WEIGHTS", tmp_path / "missing")
+    from minibldm.commands import demo
     monkeypatch.chdir(tmp_path)
-    assert sample.main([]) == 2
+    assert demo.main(tmp_path / "missing") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing" in err[0] and "--weights" in err[0]
     assert list(tmp_path.iterdir()) == []
@@ -225,7 +224,7 @@ def test_bfloat16_runs(tmp_path, inputs):
 
 
 def test_texture_is_read_from_the_category_meta(tmp_path):
-    from minibldm.sample import UsageError, marked_texture
+    from minibldm.commands.sample import UsageError, marked_texture
     good = tmp_path / "fabric" / "train" / "good"
     good.mkdir(parents=True)
     assert not marked_texture(good)

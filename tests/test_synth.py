@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minibldm.synth import CATEGORIES, image_rng, make_defect, make_good, write_dataset
+from minibldm.commands.synth import CATEGORIES, image_rng, make_defect, make_good, write_dataset
 
 PAIRS = [(c, d) for c, meta in CATEGORIES.items() for d in meta["defects"]]
 

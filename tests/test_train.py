@@ -2,6 +2,7 @@
 train, that the loss goes down, bit-exact resume, refused setting changes, two gloo processes
 against one, every stage from scratch, and bad input."""
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -17,14 +18,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import minibldm
-from minibldm import train, trainsamples, weights
+from minibldm import weights
+from minibldm.commands import losses, train, trainnets, trainsamples
 from minibldm.autoencoder import Autoencoder
 from minibldm.clip import TextEncoder
 from minibldm.config import AutoencoderConfig, ModelConfig, TextConfig, UNetConfig
 from minibldm.control import ControlNet
-from minibldm.data import PairDataset, load_or_make_split, read_category
+from minibldm.commands.data import PairDataset, load_or_make_split, read_category
 from minibldm.ddim import alphas_cumprod
-from minibldm.synth import write_dataset
+from minibldm.commands.synth import write_dataset
 from minibldm.tokenizer import Tokenizer
 from minibldm.unet import UNet
 
@@ -146,7 +148,7 @@ def test_control_trains_only_the_branch(control_run, tiny_weights):
 
 def test_control_stage_freezes_the_rest(pill, tiny_weights, tmp_path):
     args = train.parse_args([str(a) for a in control_args(pill, tiny_weights, tmp_path, 1)])
-    nets = train.build_networks(args, *train.model_config(args))
+    nets = trainnets.build_networks(args, *trainnets.model_config(args))
     assert args.lr == 1e-3 and train.parse_args(["--stage", "control", "--data", "x", "--out",
                                                  "y"]).lr == 1e-5  # the paper's default
     for name, net in nets.items():
@@ -162,20 +164,20 @@ def test_control_steps_lower_the_loss_on_a_fixed_batch(pill, tiny_weights, tmp_p
     batch = trainsamples.collate([ds[0], ds[1]])
     t, noise, post = trainsamples.sample_draws(0, [0, 1], (4, SIZE // 8, SIZE // 8))
     with torch.no_grad():
-        z0 = train.encode_latent(m.autoencoder, batch["image"], post)
+        z0 = losses.encode_latent(m.autoencoder, batch["image"], post)
         context = m.text_encoder(m.tokenizer(batch["prompt"]))
         empty = m.text_encoder(m.tokenizer(["", ""]))
     schedule = alphas_cumprod()
     opt = torch.optim.AdamW(control.parameters(), lr=1e-3)
-    losses = []
+    values = []
     for _ in range(12):
-        loss = train.denoising_loss(m.unet, z0, t, noise, context, schedule, control=control,
-                                    hint=batch["hint"], control_context=empty)
+        loss = losses.denoising_loss(m.unet, z0, t, noise, context, schedule, control=control,
+                                     hint=batch["hint"], control_context=empty)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.92 * losses[0] and losses == sorted(losses, reverse=True), losses
+        values.append(loss.item())
+    assert values[-1] < 0.92 * values[0] and values == sorted(values, reverse=True), values
     assert all(p.grad is None for p in m.unet.parameters())
 
 
@@ -186,13 +188,13 @@ def redo_control_steps(out, pill, tiny_weights, steps: int, cell_weights=None):
     the loss the weighted mean Σ w (ε_θ − ε)² / Σ w over all latent elements.
     Returns (the branch, the loss per step)."""
     m = minibldm.load(tiny_weights)
-    control = train.new_network("control", UNET, 0).copy_from_unet(m.unet)
+    control = trainnets.new_network("control", UNET, 0).copy_from_unet(m.unet)
     opt = torch.optim.AdamW(control.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
     ds = PairDataset(read_category(pill), json.loads((out / "split.json").read_text()), size=SIZE)
     a = alphas_cumprod()
     with torch.no_grad():
         empty = m.text_encoder(m.tokenizer([""]))
-    losses = []
+    values = []
     for step in range(steps):
         idx = [2 * step, 2 * step + 1]
         batch = trainsamples.collate([ds[i] for i in idx])
@@ -213,8 +215,8 @@ def redo_control_steps(out, pill, tiny_weights, steps: int, cell_weights=None):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    return control, losses
+        values.append(loss.item())
+    return control, values
 
 
 def logged_losses(out) -> list[float]:
@@ -224,8 +226,8 @@ def logged_losses(out) -> list[float]:
 def test_control_run_equals_a_plain_loop(control_run, pill, tiny_weights):
     """The command's 4 steps, redone by hand (redo_control_steps)."""
     out, _ = control_run
-    control, losses = redo_control_steps(out, pill, tiny_weights, 4)
-    assert logged_losses(out) == pytest.approx(losses, rel=1e-6, abs=0)
+    control, expected = redo_control_steps(out, pill, tiny_weights, 4)
+    assert logged_losses(out) == pytest.approx(expected, rel=1e-6, abs=0)
     got = tensors(out / "control.safetensors")
     for k, v in control.state_dict().items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
@@ -276,9 +278,7 @@ def test_two_gloo_processes_match_one(pill, tiny_weights, tmp_path):
     a, b = tensors(one / "checkpoint.safetensors"), tensors(two / "checkpoint.safetensors")
     for k in (k for k in a if k.endswith("/exp_avg")):  # measured: within 1e-4 of the largest
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-3 * a[k].abs().max().item(), msg=k)
-    losses = [[float(r.split(",")[1]) for r in (d / "loss.csv").read_text().split()[1:]]
-              for d in (one, two)]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert logged_losses(one) == pytest.approx(logged_losses(two), rel=1e-5)
 
 
 # ---- the other stages, from nothing -----------------------------------------------------------
@@ -286,7 +286,7 @@ def test_two_gloo_processes_match_one(pill, tiny_weights, tmp_path):
 def test_every_stage_from_scratch(pill, control_run, tmp_path):
     tiny_control = control_run[0] / "control.safetensors"
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(TINY.to_json())
+    cfg.write_text(json.dumps(dataclasses.asdict(TINY)))
     common = ("--data", pill, "--steps", 2, "--batch-size", 2, "--size", SIZE, "--k", 2,
               "--checkpoint-every", 1)
     ae = tmp_path / "ae"
@@ -294,9 +294,9 @@ def test_every_stage_from_scratch(pill, control_run, tmp_path):
     assert rc == 0, err
     m = minibldm.load(ae)  # complete: new UNet and text encoder, tokenizer trained on the prompts
     assert m.config == TINY and m.tokenizer(["a pill with a crack"]).max() < TEXT.vocab_size
-    fresh = train.new_network("autoencoder", AE, 0).state_dict()
+    fresh = trainnets.new_network("autoencoder", AE, 0).state_dict()
     assert not same(tensors(ae / "autoencoder.safetensors"), fresh)
-    assert same(tensors(ae / "unet.safetensors"), train.new_network("unet", UNET, 0).state_dict())
+    assert same(tensors(ae / "unet.safetensors"), trainnets.new_network("unet", UNET, 0).state_dict())
 
     text = tmp_path / "text"
     rc, err = run("--stage", "text", "--weights", ae, "--out", text, *common)
@@ -318,7 +318,7 @@ def test_every_stage_from_scratch(pill, control_run, tmp_path):
 def test_vq_autoencoder_loss_trains_the_codebook():
     cfg = AutoencoderConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_num_groups=8,
                             double_z=False, n_embed=32, embed_dim=4, z_channels=4, scale_factor=1.0)
-    loss_fn = train.AutoencoderLoss(Autoencoder(cfg), "l1", 1e-6, 1.0)
+    loss_fn = losses.AutoencoderLoss(Autoencoder(cfg), "l1", 1e-6, 1.0)
     loss = loss_fn(torch.rand(2, 3, 16, 16) * 2 - 1, None)
     loss.backward()
     assert torch.isfinite(loss) and loss_fn.autoencoder.quantize.embedding.weight.grad.abs().sum() > 0
@@ -358,7 +358,7 @@ def test_bad_input_exits_2(pill, tiny_weights, tmp_path, how, extra, message):
 
 def test_control_stage_needs_frozen_networks(pill, tmp_path):
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(TINY.to_json())
+    cfg.write_text(json.dumps(dataclasses.asdict(TINY)))
     rc, err = run("--stage", "control", "--config", cfg, "--data", pill, "--out", tmp_path / "r",
                   "--size", SIZE)
     assert rc == 2 and "frozen autoencoder" in err, err
@@ -393,8 +393,8 @@ def test_scale_factor_auto_gives_unit_variance_latents(pill, tiny_weights, tmp_p
     ae = minibldm.load(out).autoencoder
     shape = (AE.embed_dim, SIZE // 8, SIZE // 8)
     with torch.no_grad():
-        z = torch.cat([train.encode_latent(ae, dataset[i]["image"][None],
-                                           trainsamples.sample_draws(0, [i], shape)[2]) for i in range(64)])
+        z = torch.cat([losses.encode_latent(ae, dataset[i]["image"][None],
+                                            trainsamples.sample_draws(0, [i], shape)[2]) for i in range(64)])
     assert abs(z.std().item() - 1) < 1e-4
 
     rc, err = run(*common, "--steps", 2)  # resumes: the same rule gives the same scale
@@ -467,10 +467,10 @@ def test_defect_weighted_control_run_equals_a_plain_loop(pill, tiny_weights, tmp
                         w[b, 0, i, j] = 5
         heavy.append(int((w == 5).sum()))
         return w
-    _, losses = redo_control_steps(out, pill, tiny_weights, 2, cell_weights)
+    _, expected = redo_control_steps(out, pill, tiny_weights, 2, cell_weights)
     assert all(0 < n < 2 * h * h for n in heavy), heavy  # the weights single out some cells
     logged = logged_losses(out)
-    assert logged == pytest.approx(losses, rel=1e-5, abs=0)
+    assert logged == pytest.approx(expected, rel=1e-5, abs=0)
     plain = tmp_path / "plain"  # and the weighting changed the loss
     rc, err = run(*control_args(pill, tiny_weights, plain, 1))
     assert rc == 0, err

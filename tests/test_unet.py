@@ -4,7 +4,11 @@ import pytest
 import torch
 from conftest import max_abs, randomize
 
+from types import SimpleNamespace
+
+from minibldm import fast
 from minibldm.config import UNetConfig
+from minibldm.fast.conv import MatmulConv2d
 from minibldm.control import ControlNet
 from minibldm.convert import (control_from_diffusers, control_to_diffusers, unet_from_diffusers,
                               unet_to_diffusers)
@@ -69,7 +73,7 @@ def test_unet_and_control_match_diffusers():
     # control residuals one by one
     down, mid = ref_ctrl(x, t, ctx, controlnet_cond=hint, return_dict=False)
     res = ctrl(x, hint, t, ctx)
-    assert len(res) == len(down) + 1 == unet.num_control_residuals == 10
+    assert len(res) == len(down) + 1 == len(unet.input_blocks) + 1 == 10
     for i, (a, b) in enumerate(zip(res, list(down) + [mid])):
         assert b.abs().mean() > 1e-3, i
         assert max_abs(a, b) <= 1e-5, i
@@ -82,15 +86,17 @@ def test_unet_and_control_match_diffusers():
 
 
 @torch.no_grad()
-def test_matmul_route_of_the_3x3_convs_matches_diffusers(monkeypatch):
-    """minibldm.conv's route is taken at SD size only; forced onto every 3x3 stride-1 conv of
-    the small networks here, the UNet and the branch still match diffusers."""
-    import minibldm.conv
-    monkeypatch.setattr(minibldm.conv, "BIG_WEIGHT", 0)
-    monkeypatch.setattr(minibldm.conv, "SMALL_GRID", 16 * 16)
+def test_matmul_route_of_the_3x3_convs_matches_diffusers():
+    """fast.optimize's matrix-product route (taken at SD size only by default), forced onto
+    every 3x3 stride-1 conv of the small networks here: the UNet and the branch still match
+    diffusers, and no state-dict key changed."""
     ref_unet, ref_ctrl, unet, ctrl = converted_pair()
-    routed = [m for m in unet.modules() if getattr(m, "as_matmul", False)]
+    keys = set(unet.state_dict()), set(ctrl.state_dict())
+    fast.optimize(SimpleNamespace(unet=unet, control=ctrl, autoencoder=torch.nn.Module()),
+                  big_weight=0, small_grid=16 * 16)
+    routed = [m for m in unet.modules() if isinstance(m, MatmulConv2d)]
     assert len(routed) >= 20
+    assert (set(unet.state_dict()), set(ctrl.state_dict())) == keys
     x, t, ctx, hint = inputs(TINY)
     down, mid = ref_ctrl(x, t, ctx, controlnet_cond=hint, return_dict=False)
     want = ref_unet(x, t, ctx, down_block_additional_residuals=down,

@@ -1,6 +1,8 @@
 """The committed reference vectors of the bundled tiny model (tests/vectors/tiny.safetensors,
 written by tools/export_vectors.py) are reproduced by the current code within the tolerances the
-file states, and a changed output is caught."""
+file states, on the reference path and on the fast path (every CPU route forced on, and the
+fast decoder adaptation), and a changed output is caught."""
+import importlib.util
 import json
 from pathlib import Path
 
@@ -8,20 +10,40 @@ import pytest
 import torch
 
 import minibldm
-from minibldm import vectors
+from minibldm import fast
+from minibldm.adapt import adapt_decoder
 from minibldm.io import file_sha256
-from minibldm.sample import DEFAULT_WEIGHTS
+from minibldm.commands.sample import DEFAULT_WEIGHTS
 
 FILE = Path(__file__).parent / "vectors" / "tiny.safetensors"
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+SPEC = importlib.util.spec_from_file_location("vectors", TOOLS / "vectors.py")
+vectors = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(vectors)
 
 
-@pytest.fixture(scope="module")
-def recomputed():
+def load(path):
+    """The reference networks, as minibldm.load returns them."""
+    return minibldm.load(path), adapt_decoder
+
+
+def load_fast(path):
+    """The fast layer with every route forced on (the tiny model is below their thresholds)."""
+    models = fast.optimize(minibldm.load(path), big_weight=0, small_grid=32 * 32,
+                           upsample_min_channels=1)
+    assert any(isinstance(m, fast.conv.MatmulConv2d) for m in models.unet.modules())
+    assert any(isinstance(m, fast.conv.GridUpsample) for m in models.autoencoder.modules())
+    return models, fast.adapt_decoder
+
+
+@pytest.fixture(scope="module", params=[load, load_fast], ids=["reference", "fast"])
+def recomputed(request):
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # as tools/export_vectors.py runs
     try:
         ref, meta = vectors.read(FILE)
-        new = vectors.recompute(minibldm.load(DEFAULT_WEIGHTS), ref)
+        models, adapt = request.param(DEFAULT_WEIGHTS)
+        new = vectors.recompute(models, ref, adapt=adapt)
     finally:
         torch.use_deterministic_algorithms(before)  # other tests run as they would alone
     return ref, meta, new

@@ -26,10 +26,12 @@ Parts (medians of --repeats timed runs after one warm-up):
             --compile adds the compiled adaptation, --adapt-blocks N its opt-in faster variants;
             --rounds R runs all the variants in turn R times (speed-ups: the median of the
             rounds' own ratios); --keep-norms adds eager without the GroupNorm recomputation;
-            --ablate adds eager without each of adapt.py's SPEED changes, and without all three
-  pipeline  the whole default method for one image (minibldm.sample.defect_image, 50 steps and
-            200 adaptation steps) with weights/tiny: wall time and peak memory (a subprocess's
-            peak RSS on CPU, max_memory_allocated on a GPU)
+            --ablate adds eager without each speed change that leaves the computation as it is
+            (the upsampling route, channels-last, fused AdamW), and without all three
+  pipeline  the whole default method for one image (minibldm.pipeline.defect_image with the
+            fast layer, as `python -m minibldm.sample` runs it; 50 steps and 200 adaptation
+            steps) with weights/tiny: wall time and peak memory (a subprocess's peak RSS on CPU,
+            max_memory_allocated on a GPU)
   adapt-trained
             the 200-step adaptation with the trained tiny decoder (weights/tiny) on a synthetic
             pill and the same pill with a stain, where the loss stays far from 0: final loss of
@@ -44,7 +46,9 @@ Parts (medians of --repeats timed runs after one warm-up):
             steps): seconds per image, images per hour and peak memory per dtype and
             --batch-size (and compiled with --compile); not in the default parts: at SD 1.5
             size, tens of minutes per image on a CPU
-The JSON holds every timing, the device, torch and diffusers versions and the date.
+minibldm runs with the fast layer applied (minibldm.fast.optimize and fast.adapt_decoder), as
+the sample command does; switches are passed as their arguments. The JSON holds every timing,
+the device, torch and diffusers versions and the date.
 """
 import argparse
 import copy
@@ -57,6 +61,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -105,6 +110,14 @@ def matmul_peak(device, dtype, repeats) -> float:
     return 2 * n ** 3 / r["median_s"] / 1e9
 
 
+def optimized(autoencoder=None, unet=None, control=None, **thresholds):
+    """fast.optimize on these networks (in place), as the sample command applies it after
+    loading; thresholds: its keyword arguments."""
+    from minibldm import fast
+    return fast.optimize(SimpleNamespace(autoencoder=autoencoder, unet=unet, control=control),
+                         **thresholds)
+
+
 def unet_configs(size: str):
     from minibldm.config import SD15, TINY
     return (SD15 if size == "sd15" else TINY).unet
@@ -133,8 +146,8 @@ def diffusers_pair(cfg):
 def bench_step(args, device, results):
     from minibldm.control import ControlNet
     from minibldm.convert import control_from_diffusers, unet_from_diffusers
+    from minibldm.fast import compile_frozen
     from minibldm.io import load_into
-    from minibldm.sample import compile_frozen
     from minibldm.sampler import guided_eps
     from minibldm.unet import UNet
 
@@ -154,6 +167,7 @@ def bench_step(args, device, results):
     for dname in args.dtype:
         dt = DTYPES[dname]
         nets = [m.to(device, dt) for m in (ref_unet, ref_ctrl, unet, ctrl)]
+        optimized(unet=nets[2], control=nets[3])  # on a CPU; once is all (it is idempotent)
         zz, cc, uu, hh, tt = (x.to(device, dt) if x.is_floating_point() else x.to(device)
                               for x in (z, cond, uncond, hint, t))
 
@@ -225,19 +239,21 @@ def sd_vae(size: str):
 
 
 def timed_adaptation(decoder, h, x_ok, mask, steps: int, device, autocast: bool = False,
-                     blocks: int | None = None, compile: bool = False):
-    """minibldm.adapt_decoder, timed per iteration (the first also holds the setup and any
-    compile), under bfloat16 autocast if asked: (seconds per iteration, output, losses)."""
-    from minibldm.adapt import adapt_decoder
+                     **options):
+    """minibldm.fast.adapt_decoder, timed per iteration (the first also holds the setup and any
+    compile), under bfloat16 autocast if asked; options: its keyword arguments (blocks, compile,
+    recompute_from, channels_last_from, fused). Returns (seconds per iteration, output, losses)."""
+    from minibldm.config import AdaptConfig
+    from minibldm.fast import adapt_decoder
     stamps = [time.perf_counter()]
 
     def cb(step, loss):
         sync(device)
         stamps.append(time.perf_counter())
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        out, losses = adapt_decoder(decoder, h, x_ok, mask, steps=steps, callback=cb,
-                                    blocks=blocks, compile=compile)
-    return [b - a for a, b in zip(stamps, stamps[1:])], out, losses
+        out, losses = adapt_decoder(decoder, h, x_ok, mask, AdaptConfig(steps=steps), cb,
+                                    **options)
+    return [b - a for a, b in zip(stamps, stamps[1:])], out, losses[0]
 
 
 def bench_adapt(args, device, results):
@@ -262,31 +278,28 @@ def bench_adapt(args, device, results):
         h = ae.decoder_input(z)
         x_fg = vae.decoder(vae.post_quant_conv(z / cfg.scale_factor))
     n = args.adapt_steps or args.repeats + 1
+    # the decoder as the sample command adapts it (its upsampling on the input grid, on a CPU),
+    # and without that route for --ablate
+    decoders = {route: optimized(copy.deepcopy(ae), **({} if route else {
+                    "upsample_min_channels": float("inf")})).autoencoder.decoder
+                for route in (True, False)}
 
     def per_step(times):
         return {"median_s": statistics.median(times[1:]), "runs_s": times[1:]}
 
     def ours(autocast: bool, blocks: int | None = None, compile: bool = False,
              keep_norms: bool = False, without: tuple[str, ...] = ()):
-        import minibldm.adapt
-        import minibldm.conv
-        # switches: the norms kept for the backward pass at any size (keep_norms), and the three
-        # speed changes of adapt.py's SPEED that --ablate turns off
-        switches = {"recompute": (minibldm.adapt, "RECOMPUTE_FROM", float("inf")),
-                    "upsample": (minibldm.conv, "UPSAMPLE_MIN_CHANNELS", float("inf")),
-                    "channels_last": (minibldm.adapt, "CHANNELS_LAST_FROM", float("inf")),
-                    "fused": (minibldm.adapt, "_adamw",
-                              lambda params, lr: torch.optim.AdamW(params, lr=lr))}
-        off = (("recompute",) if keep_norms else ()) + without
-        saved = {k: getattr(switches[k][0], switches[k][1]) for k in off}
-        try:
-            for k in off:
-                setattr(switches[k][0], switches[k][1], switches[k][2])
-            times, _, losses = timed_adaptation(ae.decoder, h, x_ok, mask, n, device, autocast,
-                                                blocks, compile)
-        finally:
-            for k, v in saved.items():
-                setattr(switches[k][0], switches[k][1], v)
+        # keep_norms: the norms kept for the backward pass at any size; without: the speed
+        # changes that --ablate turns off, each through fast.adapt_decoder's or optimize's arguments
+        options = {"blocks": blocks, "compile": compile}
+        if keep_norms:
+            options["recompute_from"] = float("inf")
+        if "channels_last" in without:
+            options["channels_last_from"] = float("inf")
+        if "fused" in without:
+            options["fused"] = False
+        times, _, losses = timed_adaptation(decoders["upsample" not in without], h, x_ok, mask, n,
+                                            device, autocast, **options)
         # the first iteration (dropped from the median) holds the compile when there is one
         return {**per_step(times), "first_iteration_s": times[0]}, losses
 
@@ -367,11 +380,11 @@ def bench_adapt(args, device, results):
 PIPELINE = """
 import json, sys, time, torch
 import minibldm
-from minibldm.ddim import alphas_cumprod
+from minibldm import fast
 from minibldm.masks import trimap
-from minibldm.sample import defect_image
-from minibldm.sampler import Stages, gaussian
-dev = torch.device(sys.argv[1]); m = minibldm.load(sys.argv[2], device=dev)
+from minibldm.pipeline import defect_image
+from minibldm.sampler import gaussian
+dev = torch.device(sys.argv[1]); m = fast.optimize(minibldm.load(sys.argv[2], device=dev))
 S = json.load(open(sys.argv[2] + "/config.json"))["image_size"]
 x = torch.rand(1, 3, S, S, device=dev) * 2 - 1
 mask = torch.zeros(S, S); mask[S // 4: S // 2, S // 3: S // 2] = 1
@@ -381,7 +394,8 @@ with torch.no_grad():
 if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
 t0 = time.perf_counter()
-defect_image(m, x, mask[None, None].to(dev), hint, cond, uncond, Stages(), gaussian(torch.Generator(dev).manual_seed(0)))
+defect_image(m, x, mask[None, None].to(dev), hint, cond, uncond,
+             gaussian(torch.Generator(dev).manual_seed(0)), adapt=fast.adapt_decoder)
 if dev.type == "cuda":
     torch.cuda.synchronize()
 wall = time.perf_counter() - t0
@@ -394,14 +408,14 @@ print(json.dumps({"seconds": wall, "peak_bytes": peak}))
 
 
 MEMORY = """
-import json, sys, time, torch
+import functools, json, sys, time, torch
+from minibldm import fast
 from minibldm.autoencoder import Autoencoder
 from minibldm.clip import TextEncoder
-from minibldm.config import PRESETS
+from minibldm.config import PRESETS, AdaptConfig, SampleConfig, Stages
 from minibldm.control import ControlNet
 from minibldm.masks import trimap
-from minibldm.sample import compile_frozen, defect_image, per_image_noise
-from minibldm.sampler import Stages
+from minibldm.pipeline import defect_image, per_image_noise
 from minibldm.unet import UNet
 from minibldm.weights import Models
 dev, dt, compiled = torch.device(sys.argv[1]), getattr(torch, sys.argv[2]), sys.argv[3] == "compile"
@@ -415,7 +429,7 @@ def hwm():
 torch.manual_seed(0)
 nets = [net(c).to(dev, dt).eval().requires_grad_(False) for net, c in
         ((Autoencoder, cfg.autoencoder), (UNet, cfg.unet), (TextEncoder, cfg.text), (ControlNet, cfg.unet))]
-m = Models(cfg, nets[0], nets[1], nets[2], None, nets[3])
+m = fast.optimize(Models(cfg, nets[0], nets[1], nets[2], None, nets[3]))  # as minibldm.sample does
 weights = hwm()
 S = 256 if sys.argv[5] == "sd15" else 128
 x = torch.rand(B, 3, S, S, device=dev, dtype=dt) * 2 - 1
@@ -426,17 +440,19 @@ with torch.no_grad():
     cond, uncond = (e.repeat(B, 1, 1) for e in m.text_encoder(ids).chunk(2))
 m.text_encoder = nets[2] = None  # as minibldm.sample does once the prompts are encoded
 if compiled:  # as sample --compile does
-    m.unet, m.control = compile_frozen(m.unet, dev), compile_frozen(m.control, dev)
+    m.unet, m.control = fast.compile_frozen(m.unet, dev), fast.compile_frozen(m.control, dev)
 stamps = []  # the end of each adaptation step
 def adapt_step(step, loss):
     if dev.type == "cuda":
         torch.cuda.synchronize()
     stamps.append(time.perf_counter())
 t0 = time.perf_counter()
+cfg = SampleConfig(stages=Stages() if full else Stages(4, 1, 3, 3),
+                   adapt=AdaptConfig(steps=200 if full else 2))
 r = defect_image(m, x, mask[None, None].to(dev, dt).repeat(B, 1, 1, 1), hint, cond, uncond,
-             Stages() if full else Stages(4, 1, 3, 3),
-             per_image_noise([torch.Generator(dev).manual_seed(i) for i in range(B)]),
-             adapt_steps=200 if full else 2, compile=compiled, adapt_progress=adapt_step)
+                 per_image_noise([torch.Generator(dev).manual_seed(i) for i in range(B)]), cfg,
+                 adapt=functools.partial(fast.adapt_decoder, compile=compiled),
+                 adapt_progress=adapt_step)
 if dev.type == "cuda":
     torch.cuda.synchronize()
 end = time.perf_counter()
@@ -459,12 +475,12 @@ def bench_adapt_trained(args, device, results):
     against x_OK, and seconds per iteration."""
     import numpy as np
     import minibldm
-    from minibldm.data import to_tensor
-    from minibldm.sample import psnr
-    from minibldm.synth import image_rng, make_defect, make_good
+    from minibldm.commands.synth import image_rng, make_defect, make_good
+    from minibldm.images import to_tensor
+    from minibldm.pipeline import psnr
 
-    m = minibldm.load(REPO / "weights" / "tiny", device=device)
-    ae, res, steps = m.autoencoder, 128, args.adapt_steps or 200
+    ae = optimized(minibldm.load(REPO / "weights" / "tiny", device=device).autoencoder).autoencoder
+    res, steps = 128, args.adapt_steps or 200
     rng = lambda: image_rng(0, "pill", "bench", 0)  # noqa: E731
     good, _ = make_good("pill", rng(), 256)
     bad, mask, _ = make_defect("pill", "stain", rng(), 256)
@@ -480,7 +496,8 @@ def bench_adapt_trained(args, device, results):
         # weights=bfloat16: a bfloat16 decoder and inputs, as `sample --dtype bfloat16` passes them
         dec = copy.deepcopy(ae.decoder).to(weights) if weights != torch.float32 else ae.decoder
         times, out, losses = timed_adaptation(dec, h.to(weights), x_ok.to(weights), mk.to(weights),
-                                              steps, device, autocast, blocks, compile)
+                                              steps, device, autocast, blocks=blocks,
+                                              compile=compile)
         return {"median_s": statistics.median(times[1:]), "first_iteration_s": times[0],
                 "first_loss": losses[0], "final_loss": losses[-1],
                 "psnr_bg": psnr(out.float().clamp(-1, 1), x_ok, 1 - mk),
@@ -576,14 +593,14 @@ def main(argv=None) -> int:
                    help="also time minibldm's guided step in channels_last memory order")
     p.add_argument("--adapt-steps", type=int, metavar="N",
                    help="adaptation iterations per variant (default repeats + 1); with 200, the "
-                   "final losses compare the way issue 7 asks")
+                   "final losses of the whole adaptation are compared")
     p.add_argument("--keep-norms", action="store_true",
                    help="adapt part: also time the eager adaptation without recomputing its "
-                   "GroupNorm outputs (adapt.RECOMPUTE_FROM)")
+                   "GroupNorm outputs (fast.adapt_decoder's recompute_from)")
     p.add_argument("--ablate", action="store_true",
-                   help="adapt part: also time the eager float32 adaptation without each of "
-                   "adapt.py's SPEED changes (upsampling route, channels-last, fused AdamW) and "
-                   "without all three")
+                   help="adapt part: also time the eager float32 adaptation without each speed "
+                   "change that keeps the computation (upsampling route, channels-last, fused "
+                   "AdamW) and without all three")
     p.add_argument("--rounds", type=int, default=1, metavar="R",
                    help="adapt part: run every variant in turn R times; medians over the rounds")
     p.add_argument("--adapt-res", type=int, metavar="PX",

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""The downstream benchmark (issue 6): does minibldm's generated data help a defect detector on
-real parts, against the baselines a user would otherwise pick?
+"""The downstream benchmark: does minibldm's generated data help a defect detector on real
+parts, against the baselines a user would otherwise pick?
 
     python tools/benchmark_downstream.py [--quick] [--data DIR] [--work DIR] [--seeds 0 1 2]
         [--init weights/tiny|none] [--defect-weight W] [--fg-weight W] [--exact-masks]
@@ -30,8 +30,7 @@ default 1 (generated_fgW); and --exact-masks samples on the split's training mas
 edge) instead of masks drawn from them with a random rotation, scale and place
 (generated_exact; n images per type = the first n masks). Every step resumes: run the same
 command again after an interruption. --quick (one seed, 100 steps per stage, 2 images per
-type) checks the whole chain in about 10 minutes on 2 CPU cores; its numbers say nothing about
-quality.
+type) checks the whole chain; its numbers say nothing about quality.
 """
 from __future__ import annotations
 
@@ -45,7 +44,9 @@ import sys
 import time
 from pathlib import Path
 
-from minibldm.evaluate import GENERATED  # the methods that read the generated images
+import torch
+
+from minibldm.eval.evaluate import GENERATED  # the methods that read the generated images
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("real-only", "crop-paste", "perlin", "minibldm", "minibldm+real")  # table order
@@ -182,7 +183,7 @@ def per_type_table(per_seed: dict, metric: str, methods: tuple = METHODS) -> str
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "magnetic_tile"))
@@ -203,67 +204,101 @@ def main(argv=None) -> int:
     p.add_argument("--exact-masks", action="store_true",
                    help="sample on the training masks as they are (their own shapes and places) "
                    "instead of transformed draws from them; tagged _exact like the weights")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def bad_args(args) -> str | None:
+    """What is wrong with the arguments, in one line, or None."""
     data = Path(args.data)
     if not (data / "train" / "good").is_dir():
-        print(f"benchmark_downstream: --data {data}: no train/good folder", file=sys.stderr)
-        return 2
-    init = None if args.init == "none" else Path(args.init)
-    if init and not (init / "config.json").is_file():
-        print(f"benchmark_downstream: --init {init}: no config.json there", file=sys.stderr)
-        return 2
+        return f"--data {data}: no train/good folder"
+    if args.init != "none" and not (Path(args.init) / "config.json").is_file():
+        return f"--init {Path(args.init)}: no config.json there"
     for name, value in (("--defect-weight", args.defect_weight), ("--fg-weight", args.fg_weight)):
         if not (value > 0 and math.isfinite(value)):
-            print(f"benchmark_downstream: {name} {value}: must be positive", file=sys.stderr)
-            return 2
-    mode = "quick" if args.quick else "full"
+            return f"{name} {value}: must be positive"
+    return None
+
+
+def tags(args) -> tuple[str, str]:
+    """(the generator's tag, the variant's tag): what a non-default option adds to file names."""
     dw_tag = "" if args.defect_weight == 1.0 else f"_dw{args.defect_weight:g}"
     tag = (dw_tag + ("" if args.fg_weight == 1.0 else f"_fg{args.fg_weight:g}")
            + ("_exact" if args.exact_masks else ""))
+    return dw_tag, tag
+
+
+def run_seed(args, seed: int, work: Path, s: dict, log: Path) -> tuple[dict, dict]:
+    """One seed's chain (each step skipped when its result exists): train the generator,
+    sample, evaluate every method, genquality. Returns (detector results, genquality result)."""
+    data, init = Path(args.data), None if args.init == "none" else Path(args.init)
+    dw_tag, tag = tags(args)
     methods = labels(tag)
+    sw = work / f"seed{seed}"
+    sw.mkdir(exist_ok=True)
+    print(f"== seed {seed}: training the generator on {data.name}", flush=True)
+    model = train_model(data, sw / f"generator{dw_tag}", seed, s, init, args.device, log,
+                        args.defect_weight)
+    split_file = model / "split.json"
+    masks = training_masks(data, json.loads(split_file.read_text()), sw / "train_masks")
+    print(f"== seed {seed}: generating {s['n']} images per defect type", flush=True)
+    generated = generate(model, data, masks, sw / f"generated{tag}", seed, s["n"], args.device,
+                         log, args.fg_weight, args.exact_masks)
+    print(f"== seed {seed}: evaluating {', '.join(methods)}", flush=True)
+    results = evaluate(data, split_file, generated, sw / "eval", s["detector"], seed,
+                       args.device, log, methods)
+    gq = sw / f"genquality{tag}.json"
+    if not gq.is_file():
+        run([sys.executable, "-m", "minibldm.genquality", "--data", data, "--texture",
+             "--split", split_file, "--generated", *generated, "--out", gq], log)
+    return results, json.loads(gq.read_text())
+
+
+def write_summary(args, work: Path, info: dict, per_seed: dict, quality: dict) -> str:
+    """summary{tag}.json and .md in work; returns the headline table."""
+    _, tag = tags(args)
+    methods = tuple(labels(tag))
+    metrics = list(next(iter(per_seed.values()))["real-only"]["mean"])
+    summary, table = summarise(per_seed, metrics, methods)
+    (work / f"summary{tag}.json").write_text(json.dumps(
+        {"info": info, "summary": summary, "per_seed": per_seed, "genquality": quality},
+        indent=1) + "\n")
+    (work / f"summary{tag}.md").write_text(
+        f"Downstream detection on {Path(args.data).name}, {info['mode']} mode, seeds "
+        f"{info['seeds']}, training --defect-weight {args.defect_weight:g}, sampler --fg-weight "
+        f"{args.fg_weight:g}{', on the training masks as they are' if args.exact_masks else ''} "
+        "(a generator, a split and a detector per seed), mean ± std over seeds of the mean over "
+        "defect types.\n\n" + table
+        + "".join(f"\nPer defect type, {m.replace('_', ' ')}:\n\n"
+                  + per_type_table(per_seed, m, methods) for m in ("pixel_ap", "image_auroc")))
+    return table
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    problem = bad_args(args)
+    if problem:
+        print(f"benchmark_downstream: {problem}", file=sys.stderr)
+        return 2
+    mode = "quick" if args.quick else "full"
     s, seeds = STEPS[mode], args.seeds or ([0] if args.quick else [0, 1, 2])
     work = Path(args.work) / mode
     work.mkdir(parents=True, exist_ok=True)
     log = work / "commands.log"
     start, per_seed, quality, walls = time.time(), {}, {}, {}
     for seed in seeds:
-        t0, sw = time.time(), work / f"seed{seed}"
-        sw.mkdir(exist_ok=True)
-        print(f"== seed {seed}: training the generator on {data.name}", flush=True)
-        model = train_model(data, sw / f"generator{dw_tag}", seed, s, init, args.device, log,
-                            args.defect_weight)
-        split_file = model / "split.json"
-        masks = training_masks(data, json.loads(split_file.read_text()), sw / "train_masks")
-        print(f"== seed {seed}: generating {s['n']} images per defect type", flush=True)
-        generated = generate(model, data, masks, sw / f"generated{tag}", seed, s["n"], args.device,
-                             log, args.fg_weight, args.exact_masks)
-        print(f"== seed {seed}: evaluating {', '.join(methods)}", flush=True)
-        per_seed[seed] = evaluate(data, split_file, generated, sw / "eval", s["detector"], seed,
-                                  args.device, log, methods)
-        gq = sw / f"genquality{tag}.json"
-        if not gq.is_file():
-            run([sys.executable, "-m", "minibldm.genquality", "--data", data, "--texture",
-                 "--split", split_file, "--generated", *generated, "--out", gq], log)
-        quality[seed] = json.loads(gq.read_text())
+        t0 = time.time()
+        per_seed[seed], quality[seed] = run_seed(args, seed, work, s, log)
         walls[seed] = time.time() - t0
-    metrics = list(next(iter(per_seed.values()))["real-only"]["mean"])
-    summary, table = summarise(per_seed, metrics, tuple(methods))
-    import torch
-    info = {"mode": mode, "seeds": seeds, "defect_weight": args.defect_weight, "fg_weight": args.fg_weight,
-            "exact_masks": args.exact_masks,
-            "init": str(init) if init else None, "steps": s, "data": str(data.resolve()),
+    info = {"mode": mode, "seeds": seeds, "defect_weight": args.defect_weight,
+            "fg_weight": args.fg_weight, "exact_masks": args.exact_masks,
+            "init": None if args.init == "none" else str(Path(args.init)), "steps": s,
+            "data": str(Path(args.data).resolve()),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "wall_s": round(time.time() - start), "wall_s_this_call": walls}
-    (work / f"summary{tag}.json").write_text(json.dumps(
-        {"info": info, "summary": summary, "per_seed": per_seed, "genquality": quality}, indent=1) + "\n")
-    (work / f"summary{tag}.md").write_text(
-        f"Downstream detection on {data.name}, {mode} mode, seeds {seeds}, training --defect-weight "
-        f"{args.defect_weight:g}, sampler --fg-weight {args.fg_weight:g}"
-        f"{', on the training masks as they are' if args.exact_masks else ''} (a generator, a split "
-        f"and a detector per seed), mean ± std over seeds of the mean over defect types.\n\n" + table
-        + "".join(f"\nPer defect type, {m.replace('_', ' ')}:\n\n" + per_type_table(per_seed, m, tuple(methods))
-                  for m in ("pixel_ap", "image_auroc")))
+    table = write_summary(args, work, info, per_seed, quality)
+    _, tag = tags(args)
     print(table + f"\nwrote {work / f'summary{tag}.json'} and {work / f'summary{tag}.md'} "
           f"({info['wall_s']} s this call)")
     return 0

@@ -1,7 +1,7 @@
 """Write reference vectors of a minibldm model for people porting it: the inputs and outputs of
 the tokenizer, text encoder, trimap branch, UNet, encoder, decoder, one DDIM step and one whole
 default sample with its recorded noise, in one safetensors file (entries and tolerances:
-minibldm/vectors.py).
+tools/vectors.py).
 
     python tools/export_vectors.py OUT.safetensors [--weights weights/tiny] [--seed 0]
     python tools/export_vectors.py --check tests/vectors/tiny.safetensors [--weights weights/tiny]
@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 import minibldm
-from minibldm import vectors
 from minibldm.io import WeightsError
+
+import vectors  # tools/vectors.py, beside this file
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Issue 7's GPU measurements as one prepared run, for a session that is lent a GPU (about
-# 9 minutes on an H200 by estimate; each part has its own time limit, so a slow part costs only
-# itself). Writes six files to $OUT (default gpu_check/): log.txt (everything printed),
+# The GPU measurements of docs/BENCHMARKS.md as one prepared run, for a session that is lent a
+# GPU (under 10 minutes; each part has its own time limit, so a slow part costs only itself). Writes six files to $OUT (default gpu_check/): log.txt (everything printed),
 # summary.txt (each part's exit status and seconds) and the bench's JSON per part.
 # docs/BENCHMARKS.md ("On a GPU") says how to run it and where the figures go.
 #
@@ -11,7 +10,8 @@
 # TIME_SCALE multiplies every part's time limit (590 s in all at 1).
 #
 # The parts, most needed first:
-#   tests   tests/test_cuda.py: networks, compiled paths, float16 adaptation and the command on CUDA
+#   tests   tests/test_cuda.py: networks, fast.optimize, the fast adaptation (eager, compiled,
+#           batched, float16) against the reference loop, and the command on CUDA
 #   memory  peak max_memory_allocated of the whole method, float16 and float32, batch 1
 #   step    the guided step: matmul peak, diffusers, minibldm eager and compiled, float32 and float16
 #   method  the whole method: seconds per image and images per hour, float16, eager and compiled,

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 import minibldm
-from minibldm.adapt import adapt_decoder
-from minibldm.data import mask_to_tensor, read_image, read_mask, to_tensor
-from minibldm.sample import psnr
+from minibldm import fast
+from minibldm.config import AdaptConfig
+from minibldm.images import mask_to_tensor, read_image, read_mask, to_tensor
+from minibldm.pipeline import psnr
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ def main() -> None:
                    "the defect's first mask")
     p.add_argument("--size", type=int, default=128)
     args = p.parse_args()
-    m, data, res = minibldm.load(args.weights), Path(args.data), {}
+    m, data, res = fast.optimize(minibldm.load(args.weights)), Path(args.data), {}  # as sample
     settings = [(None, 200, 1e-4)] + list(itertools.product(args.blocks, args.steps, args.lr))
     for cat, defect in (c.split(":") for c in args.cases):
         x = to_tensor(read_image(data / cat / "test" / "good" / "000.png"), args.size)[None]
@@ -44,9 +45,9 @@ def main() -> None:
             h = m.autoencoder.decoder_input(m.autoencoder.encode(x, torch.Generator().manual_seed(0)))
         for blocks, steps, lr in settings:
             t0 = time.perf_counter()
-            out, losses = adapt_decoder(m.autoencoder.decoder, h, x, mask, steps, lr=lr,
-                                        blocks=blocks)
-            row = (time.perf_counter() - t0, psnr(out, x, 1 - mask), losses[-1])
+            out, losses = fast.adapt_decoder(m.autoencoder.decoder, h, x, mask,
+                                             AdaptConfig(steps=steps, lr=lr), blocks=blocks)
+            row = (time.perf_counter() - t0, psnr(out, x, 1 - mask), losses[0][-1])
             res.setdefault((blocks, steps, lr), []).append(row)
             print(f"{cat} blocks={blocks} steps={steps} lr={lr:g}: {row[0]:.1f} s, background "
                   f"PSNR {row[1]:.2f} dB, final loss {row[2]:.5f}", flush=True)

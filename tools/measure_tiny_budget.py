@@ -1,6 +1,7 @@
-"""Time the two costs that bound the embedded demo (issue 5) for the TINY preset: one decoder
-adaptation step (forward, loss, backward, AdamW) at the preset's resolution, and one guided
-UNet + trimap-branch step. Random weights; the numbers size the preset, not its quality.
+"""Time the two costs that bound the embedded demo for the TINY preset: one decoder adaptation
+step (forward, loss, backward, AdamW) at the preset's resolution, and one guided UNet +
+trimap-branch step, both with the fast layer as the sample command applies it. Random weights;
+the numbers size the preset, not its quality.
 
     python tools/measure_tiny_budget.py [--size 128] [--repeats 10]
 """
@@ -9,12 +10,13 @@ import time
 
 import torch
 
-from minibldm.adapt import adapt_decoder
+from minibldm import fast
 from minibldm.autoencoder import Autoencoder
-from minibldm.config import TINY
+from minibldm.config import TINY, AdaptConfig
 from minibldm.control import ControlNet
 from minibldm.sampler import guided_eps
 from minibldm.unet import UNet
+from minibldm.weights import Models
 
 
 def main() -> None:
@@ -22,16 +24,17 @@ def main() -> None:
     p.add_argument("--size", type=int, default=TINY.autoencoder.resolution)
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
-    f = 2 ** (len(TINY.autoencoder.ch_mult) - 1)
-    ae = Autoencoder(TINY.autoencoder).eval()
+    f = TINY.autoencoder.factor
+    ae, unet, ctrl = (Autoencoder(TINY.autoencoder).eval(), UNet(TINY.unet).eval(),
+                      ControlNet(TINY.unet).eval())
+    fast.optimize(Models(TINY, ae, unet, None, None, ctrl))
     h = ae.decoder_input(torch.randn(1, TINY.autoencoder.embed_dim, args.size // f, args.size // f)).detach()
     x, mask = torch.rand(1, 3, args.size, args.size) * 2 - 1, torch.zeros(1, 1, args.size, args.size)
-    adapt_decoder(ae.decoder, h, x, mask, steps=2)  # warm-up
+    fast.adapt_decoder(ae.decoder, h, x, mask, AdaptConfig(steps=2))  # warm-up
     t0 = time.perf_counter()
-    adapt_decoder(ae.decoder, h, x, mask, steps=args.repeats)
+    fast.adapt_decoder(ae.decoder, h, x, mask, AdaptConfig(steps=args.repeats))
     adapt = (time.perf_counter() - t0) / args.repeats
 
-    unet, ctrl = UNet(TINY.unet).eval(), ControlNet(TINY.unet).eval()
     z = torch.randn(1, 4, args.size // f, args.size // f)
     ctx = torch.randn(1, 77, TINY.unet.context_dim)
     eps = guided_eps(unet, ctrl, ctx, ctx, torch.rand(1, 3, args.size, args.size), 9.0)

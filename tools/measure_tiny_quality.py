@@ -29,9 +29,9 @@ from safetensors import safe_open
 
 import minibldm
 from minibldm import sample
-from minibldm.data import mask_to_tensor, read_image, read_mask, to_tensor
-from minibldm.sample import psnr
-from minibldm.synth import CATEGORIES
+from minibldm.commands.synth import CATEGORIES
+from minibldm.images import mask_to_tensor, read_image, read_mask, to_tensor
+from minibldm.pipeline import psnr
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,7 @@
 """Time the autoencoder's upsampling layer (2x nearest-neighbour, then a 3x3 convolution) as
-written and through minibldm.conv.upsample_conv3x3, forward alone and forward + backward, over
-a grid of channel counts and input sizes. It is how conv.UPSAMPLE_MIN_CHANNELS was chosen.
+written and through minibldm.fast.conv.upsample_conv3x3 (fast.optimize's GridUpsample), forward
+alone and forward + backward, over a grid of channel counts and input sizes. It is how the
+default of fast.optimize's upsample_min_channels was chosen.
 
     python tools/measure_upsample.py [--channels 32 64 128 256 512] [--sizes 32 64 128]
                                      [--repeats 5] [--channels-last]
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from bench import timed  # tools/bench.py, beside this file
 
-from minibldm.conv import upsample_conv3x3
+from minibldm.fast.conv import upsample_conv3x3
 
 
 def plain(x, w, b):

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from minibldm.io import save_atomic, write_text_atomic
-from minibldm.weights import FILES
+from minibldm.io import WeightsError, save_atomic, write_text_atomic
+from minibldm.weights import FILES, read_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -28,10 +28,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     args = p.parse_args(argv)
     run, out = Path(args.run), Path(args.out)
-    if not (run / "config.json").is_file():
-        print(f"pack_weights: error: {run}: no config.json (not a weights folder)", file=sys.stderr)
+    try:
+        raw = read_config(run)
+    except WeightsError as e:
+        print(f"pack_weights: error: {e}", file=sys.stderr)
         return 2
-    raw = json.loads((run / "config.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     total = 0
     for name, file in FILES.items():

@@ -1,10 +1,11 @@
 """Where the time of one guided denoising step goes, and the best share of the matmul peak this
-device could reach with it (issue 7 asks for 85%).
+device could reach with it.
 
     python tools/profile_step.py [--size sd15|tiny] [--dtype float32] [--compile] [--out STEP.json]
 
 The step is tools/bench.py's: batch 1 (both guidance halves), UNet and trimap branch, the branch
-once for both halves (random weights; the time does not depend on them). It measures
+once for both halves, with the fast layer as the sample command applies it (random weights; the
+time does not depend on them). It measures
 
   - the device's matmul peak (bench.matmul_peak) and its memory read bandwidth (the sum of a
     512 MiB tensor: every byte read once from memory);
@@ -34,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import DTYPES, flops, matmul_peak, timed  # noqa: E402
+from bench import DTYPES, flops, matmul_peak, optimized, timed  # noqa: E402
 
 aten = torch.ops.aten
 ATTENTION = aten._scaled_dot_product_flash_attention_for_cpu
@@ -88,9 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
+    from minibldm import fast
     from minibldm.config import SD15, TINY
     from minibldm.control import ControlNet
-    from minibldm.sample import compile_frozen
     from minibldm.sampler import guided_eps
     from minibldm.unet import UNet
 
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
     cfg = (SD15 if args.size == "sd15" else TINY).unet
     torch.manual_seed(0)
     unet, ctrl = UNet(cfg).eval().to(dt), ControlNet(cfg).eval().to(dt)
+    optimized(unet=unet, control=ctrl)
     latent = 32 if args.size == "sd15" else 16
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, 4, latent, latent, generator=g).to(dt)
@@ -129,8 +131,9 @@ def main(argv=None) -> int:
         res["gflop"] = total
         variants = [("eager", eager)]
         if args.compile:
-            variants.append(("compiled", guided_eps(compile_frozen(unet, device),
-                                                    compile_frozen(ctrl, device), cond, uncond, hint, 9.0)))
+            variants.append(("compiled", guided_eps(fast.compile_frozen(unet, device),
+                                                    fast.compile_frozen(ctrl, device), cond, uncond,
+                                                    hint, 9.0)))
         for name, step in variants:
             t0 = time.perf_counter()
             step(z, t)  # warm-up (and the compile)

@@ -1,34 +1,18 @@
 """The defect detector used to compare training data: a small segmentation U-Net.
 
 The same network, loss and schedule are trained from scratch for every data source, so the
-numbers differ only by the defect images given to it:
-
-  * `SegNet`: a U-Net with `channels` per level (default 16-32-64-128: three 2x2 max-pool
-    downsamplings, nearest upsampling, skip concatenation), each level two 3x3 conv +
-    GroupNorm + SiLU; a 1x1 conv gives one logit per pixel.
-  * `loss`: binary cross-entropy plus soft Dice over the whole batch (good images have an
-    all-zero target).
-  * `train`: Adam, cosine learning-rate decay to 0, batches from a callable.
-  * `anomaly_maps` (sigmoid of the logits) and `image_scores`: the maximum of the map averaged
-    over 21x21 windows (stride 1, padding 10, padded pixels not counted).
+numbers differ only by the defect images given to it. Anomaly map: the sigmoid of its logits;
+image score: the map's maximum after a 21x21 mean filter (`image_scores`).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    channels: tuple[int, ...] = (16, 32, 64, 128)  # per level, full resolution first
-    groups: int = 8  # GroupNorm groups
-    out_bias: float = -3.0  # initial logit, a prior of about 5% defect pixels
 
 
 class Block(nn.Sequential):
@@ -40,16 +24,19 @@ class Block(nn.Sequential):
 
 class SegNet(nn.Module):
     """(B, 3, S, S) images in [-1, 1] -> (B, 1, S, S) defect logits; S a multiple of
-    2 ** (len(channels) - 1)."""
+    2 ** (len(channels) - 1). Per level (`channels`, full resolution first) two (3x3 conv,
+    GroupNorm with `groups`, SiLU); 2x2 max-pool down, nearest up, skips concatenated; a 1x1
+    conv gives one logit per pixel, its bias `out_bias` a prior of about 5% defect pixels."""
 
-    def __init__(self, config: DetectorConfig = DetectorConfig()):
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 128), groups: int = 8,
+                 out_bias: float = -3.0):
         super().__init__()
-        ch, g = config.channels, config.groups
+        ch, g = channels, groups
         self.down = nn.ModuleList([Block(c_in, c, g) for c_in, c in zip((3,) + ch[:-1], ch)])
         self.up = nn.ModuleList([Block(ch[i + 1] + ch[i], ch[i], g)
                                  for i in reversed(range(len(ch) - 1))])
         self.out = nn.Conv2d(ch[0], 1, 1)
-        nn.init.constant_(self.out.bias, config.out_bias)
+        nn.init.constant_(self.out.bias, out_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         skips = []
@@ -64,7 +51,8 @@ class SegNet(nn.Module):
 
 
 def loss(logits: Tensor, target: Tensor) -> Tensor:
-    """BCE + soft Dice (1 - (2 sum(p t) + 1) / (sum p + sum t + 1), over the whole batch)."""
+    """BCE + soft Dice (1 - (2 sum(p t) + 1) / (sum p + sum t + 1), over the whole batch; good
+    images have an all-zero target)."""
     bce = F.binary_cross_entropy_with_logits(logits, target)
     p = torch.sigmoid(logits)
     dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
@@ -90,8 +78,7 @@ def train(net: SegNet, batch: Callable[[int], tuple[Tensor, Tensor]], steps: int
         opt.step()
         losses.append(value.item())
         if log is not None and ((step + 1) % every == 0 or step + 1 == steps):
-            recent = losses[-every:]
-            log(f"detector step {step + 1}/{steps}: loss {sum(recent) / len(recent):.4f} "
+            log(f"detector step {step + 1}/{steps}: loss {sum(losses[-every:]) / every:.4f} "
                 f"({time.time() - t0:.0f} s)")
     net.eval()
     return losses
@@ -108,7 +95,8 @@ def anomaly_maps(net: SegNet, images: Tensor, batch_size: int = 16,
 
 
 def image_scores(maps: Tensor, window: int = 21) -> Tensor:
-    """(N, S, S) maps -> (N,) scores: the maximum of the map's `window` x `window` mean."""
+    """(N, S, S) maps -> (N,) scores: the maximum of the map's `window` x `window` mean (stride
+    1, padded pixels not counted)."""
     smooth = F.avg_pool2d(maps[:, None], window, stride=1, padding=window // 2,
                           count_include_pad=False)
     return smooth.flatten(1).amax(1)

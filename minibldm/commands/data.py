@@ -1,8 +1,6 @@
-"""Reading a defect category and making AdaBLDM's training data from it.
-
-AdaBLDM (arXiv 2402.19330; docs/ADABLDM.md): many good images of one object or texture, a few
-(k = 10 per type) defect images with binary masks, and training pairs made on the fly by crop
-and paste inside the foreground ("Training the trimap branch").
+"""Reading a defect category and making AdaBLDM's training data from it: many good images of one
+object or texture, a few (k = 10 per type) defect images with binary masks, and the trimap
+branch's pairs, made on the fly by crop and paste inside the foreground (docs/METHOD.md).
 
 Layouts read by `read_category`:
 
@@ -15,8 +13,7 @@ Layouts read by `read_category`:
 
 Optional in both: root/meta.json {"object": name, "texture": bool, "defects": {folder: name}}
 and root/foreground/, foreground masks mirroring the image paths (foreground/train/good/000.png)
-or named by stem. Every problem with the data is a `DataError` whose message is one line naming
-the file, so command-line tools can print it and exit.
+or named by stem. Every problem with the data is a `DataError`, one line naming the file.
 """
 from __future__ import annotations
 
@@ -28,116 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from . import masks
-from .io import write_text_atomic
+from .. import masks
+from ..foreground import foreground_for
+from ..images import IMAGE_SUFFIXES, DataError, mask_to_tensor, read_image, read_mask, resize_image
+from ..io import read_json, write_text_atomic
+from ..pipeline import prompt as default_prompt
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-class DataError(Exception):
-    """Data that cannot be used as given. The message is one line and names the file."""
-
-
-# ---- images and masks -----------------------------------------------------------------------
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to uint8 (H, W, 3), any size.
-
-    Grey and 1-bit images are repeated on 3 channels; 16-bit images are scaled by 255/65535
-    (32-bit integer and float images the same way when their values exceed 255; floats in
-    [0, 1] by 255); palette, CMYK, YCbCr and other modes are converted by PIL; an alpha channel
-    is composited over black. EXIF orientation is ignored, so images stay pixel-aligned with
-    their masks. Of a multi-frame file (TIFF) the first frame is read.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-                return _high_depth(np.asarray(im), im.mode)
-            if im.mode in ("P", "PA"):
-                im = im.convert("RGBA")
-            if im.mode in ("RGBA", "LA", "RGBa", "La"):
-                rgba = np.asarray(im.convert("RGBA")).astype(np.float32)
-                rgb = rgba[..., :3] * rgba[..., 3:] / 255  # over black
-                return np.round(rgb).astype(np.uint8)
-            return np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        why = str(e).strip().splitlines()
-        raise DataError(f"{path}: not a readable image ({type(e).__name__}"
-                        f"{': ' + why[0] if why else ''})") from None
-
-
-def _high_depth(a: np.ndarray, mode: str) -> np.ndarray:
-    """16/32-bit integer or float grey pixels to uint8 (H, W, 3)."""
-    a = a.astype(np.float64)
-    top = a.max(initial=0.0)
-    if mode.startswith("I;16") or 255 < top <= 65535:
-        a = a * 255 / 65535
-    elif top > 65535:
-        a = a * 255 / top
-    elif mode == "F" and top <= 1.0:
-        a = a * 255
-    g = np.clip(np.round(a), 0, 255).astype(np.uint8)
-    return np.repeat(g[..., None], 3, axis=2)
-
-
-def read_mask(path: str | Path) -> tuple[torch.Tensor, bool]:
-    """A binary mask file as (H, W) float {0, 1}, and whether the file was binary.
-
-    Pixels are the maximum over the colour channels of `read_image`, thresholded at 127 (a file
-    holding only 0 and 1 is read as 0/1). The flag is False when other values were present (soft
-    or anti-aliased masks), so a tool can say once that masks were thresholded. An empty mask is
-    a DataError.
-    """
-    a = read_image(path).max(axis=2)
-    values = np.unique(a)
-    if values.max() == 1:
-        a = a * 255
-        values = values * 255
-    m = torch.from_numpy(a > 127).float()
-    if not m.any():
-        raise DataError(f"{path}: the mask is empty (no pixel above 127)")
-    return m, bool(np.isin(values, (0, 255)).all())
-
-
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (H, W, 3) to uint8 (size, size, 3), resized (not cropped) with PIL's antialiased
-    bilinear filter."""
-    if image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-
-
-def to_tensor(image: np.ndarray, size: int | None = None) -> torch.Tensor:
-    """uint8 (H, W, 3) to float (3, size, size) in [-1, 1] (`resize_image`); size None keeps
-    (H, W)."""
-    if size is not None:
-        image = resize_image(image, size)
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def mask_to_tensor(mask: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
-    """(H, W) {0, 1} mask to (size, size) by nearest neighbour (pixel centres aligned). When
-    shrinking breaks the mask into more pieces than keeping every output pixel it touches does
-    (a thin crack turned into dashes) or loses it, the touched pixels are used instead."""
-    m = torch.as_tensor(mask).float()[None, None]
-    out = F.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0]
-    if m.shape[-2] > size or m.shape[-1] > size:
-        touched = F.adaptive_max_pool2d(m, (size, size))[0, 0]
-        if not out.any() or masks.count_components(out) > masks.count_components(touched):
-            return touched
-    return out
-
-
-# ---- a category -----------------------------------------------------------------------------
 
 @dataclass
 class Category:
@@ -178,19 +74,11 @@ def _size(path: Path) -> tuple[int, int]:
         raise DataError(f"{path}: not a readable image ({type(e).__name__})") from None
 
 
-def _human(folder: str) -> str:
-    return folder.replace("_", " ")
-
-
 def read_category(root: str | Path, texture: bool | None = None,
                   object_name: str | None = None) -> Category:
-    """Read a category in the MVTec AD or the plain layout (module docstring).
-
-    The object name, texture flag and human defect names come from root/meta.json when present,
-    else from the folder names (underscores become spaces; texture False); the `texture` and
-    `object_name` arguments override both. Errors (DataError): no good images, a defect image
-    without a mask, a mask whose size differs from its image.
-    """
+    """Read a category in the MVTec AD or the plain layout (module docstring). The object name,
+    texture flag and defect names come from root/meta.json, else from the folder names
+    (underscores become spaces; texture False); `texture` and `object_name` override both."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
@@ -207,9 +95,8 @@ def read_category(root: str | Path, texture: bool | None = None,
         (root / "test" / "good").is_dir() else []
 
     defects = {}
-    folders = sorted(p for p in defects_dir.iterdir() if p.is_dir()) if defects_dir.is_dir() else []
-    for folder in folders:
-        if folder.name == "good":
+    for folder in sorted(defects_dir.iterdir()) if defects_dir.is_dir() else []:
+        if not folder.is_dir() or folder.name == "good":
             continue
         mask_dir = root / "ground_truth" / folder.name if layout == "mvtec" else folder
         pairs = []
@@ -225,32 +112,22 @@ def read_category(root: str | Path, texture: bool | None = None,
         if pairs:
             defects[folder.name] = pairs
 
-    meta = {}
-    if (root / "meta.json").is_file():
-        try:
-            meta = json.loads((root / "meta.json").read_text())
-        except (ValueError, OSError) as e:
-            raise DataError(f"{root / 'meta.json'}: not readable JSON ({e})") from None
-    names = {d: meta.get("defects", {}).get(d, _human(d)) for d in defects}
+    meta = read_json(root / "meta.json", DataError) if (root / "meta.json").is_file() else {}
+    names = {d: meta.get("defects", {}).get(d, d.replace("_", " ")) for d in defects}
     fg_dir = root / "foreground"
     return Category(
         root=root, layout=layout, good=good, test_good=test_good, defects=defects,
-        object_name=object_name or meta.get("object") or _human(root.resolve().name),
+        object_name=object_name or meta.get("object") or root.resolve().name.replace("_", " "),
         texture=bool(meta.get("texture", False)) if texture is None else texture,
         defect_names=names, foreground_dir=fg_dir if fg_dir.is_dir() else None)
 
 
-# ---- few-shot split -------------------------------------------------------------------------
-
 def make_split(category: Category, k: int = 10, seed: int = 0) -> dict:
-    """The few-shot split: per defect type, k defect images for training and the rest for
-    testing. Images are ordered by SHA-256 of "{seed}:{relative path}", so the split depends
-    only on the seed and the file names (not on library versions). A type with fewer than k
-    images puts all of them in train, is listed under "short" and warned about.
-
-    Returns {"k": k, "seed": seed, "defects": {folder: {"train": [rel paths], "test": [...]}},
-    "short": {folder: count}}; paths are relative to the category root.
-    """
+    """Per defect type, k defect images for training and the rest for testing, chosen by the
+    SHA-256 of "{seed}:{relative path}": the split depends on the seed and the file names alone.
+    A type with fewer than k images is all train, listed under "short" and warned about. Returns
+    {"k", "seed", "defects": {folder: {"train": [paths relative to the root], "test": [...]}},
+    "short": {folder: count}}."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     out = {"k": k, "seed": seed, "defects": {}, "short": {}}
@@ -273,10 +150,7 @@ def load_or_make_split(path: str | Path, category: Category, k: int = 10, seed: 
     no longer has, is a DataError (delete the file or pass its k and seed)."""
     path = Path(path)
     if path.is_file():
-        try:
-            split = json.loads(path.read_text())
-        except (ValueError, OSError) as e:
-            raise DataError(f"{path}: not a readable split file ({e})") from None
+        split = read_json(path, DataError)
         if split.get("k") != k or split.get("seed") != seed:
             raise DataError(f"{path}: made with k={split.get('k')}, seed={split.get('seed')} but "
                             f"k={k}, seed={seed} was asked; pass those or delete the file")
@@ -292,16 +166,9 @@ def load_or_make_split(path: str | Path, category: Category, k: int = 10, seed: 
     return split
 
 
-# ---- datasets -------------------------------------------------------------------------------
-
 def item_generator(seed: int, i: int) -> torch.Generator:
     """The generator of item i: a function of (seed, i) alone, so any item can be remade."""
     return torch.Generator().manual_seed(seed * 1_000_003 + i)
-
-
-def default_prompt(object_name: str, defect: str | None) -> str:
-    """"a {object} with a {defect}" (reference code), or "a {object}" for a good image."""
-    return f"a {object_name} with a {defect}" if defect else f"a {object_name}"
 
 
 class DecodedImages:
@@ -310,9 +177,8 @@ class DecodedImages:
 
     def __init__(self, category: Category, size: int, cache_dir: str | Path | None,
                  capacity: int):
-        self.category, self.size, self.cache_dir, self.capacity = (category, size, cache_dir,
-                                                                   capacity)
-        self.items: OrderedDict = OrderedDict()
+        self.category, self.size, self.cache_dir = category, size, cache_dir
+        self.capacity, self.items = capacity, OrderedDict()
 
     def _get(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key in self.items:
@@ -333,29 +199,21 @@ class DecodedImages:
 
     def foreground(self, path: Path) -> torch.Tensor:
         c = self.category
-
-        def make():
-            fg = masks.foreground_for(path, None, fg_dir=c.foreground_dir, texture=c.texture,
-                                      cache_dir=self.cache_dir, rel=c.rel(path))
-            return mask_to_tensor(fg, self.size) > 0.5
-        return self._get(("foreground", path), make)
+        return self._get(("foreground", path), lambda: mask_to_tensor(foreground_for(
+            path, None, fg_dir=c.foreground_dir, texture=c.texture, cache_dir=self.cache_dir,
+            rel=c.rel(path)), self.size) > 0.5)
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Training pairs for the trimap branch, made on the fly by crop and paste
-    (ADABLDM.md "Training the trimap branch").
+    """The trimap branch's training pairs, made on the fly by crop and paste (masks.paste_defect).
 
-    Item i is a function of (seed, i) alone (`item_generator`): a good image, a defect type of
-    `defects` (default: every type in the split), one of that type's k training images, the
-    random affine, a position inside the good image's foreground F, and the empty-prompt draw.
-    Returns {"image": (3, S, S) composite in [-1, 1], "hint": (3, S, S) trimap of the pasted mask,
-    "mask": (1, S, S), "prompt": "a {object} with a {defect}" or "" with probability
-    `p_empty_prompt`, "defect": folder name, "info": {good, source, angle, scale, shrink, y, x}}.
-
-    Images, masks and F are used at S x S (resized, not cropped). F comes from the category's
-    foreground folder, is all ones for textures, and is otherwise estimated once per image and
-    cached on disk (`masks.foreground_for`, in `cache_dir`). When a defect does not fit inside
-    an image's F, other good images are tried (up to 10) before a DataError.
+    Item i is a function of (seed, i) alone: the good image, the defect type (of `defects`,
+    default all in the split), its training image, the affine, the position inside the good
+    image's foreground F, and the empty-prompt draw. Returns {"image": (3, S, S) composite in
+    [-1, 1], "hint": (3, S, S) trimap, "mask": (1, S, S), "prompt", "defect": folder, "info":
+    {good, source, angle, scale, shrink, y, x}}. Images, masks and F are resized (not cropped) to
+    S x S; F is `foreground.foreground_for`'s (estimates cached in `cache_dir`). A defect that fits
+    inside the F of none of 10 good images tried is a DataError.
     """
 
     def __init__(self, category: Category, split: dict, size: int = 256,
@@ -384,6 +242,7 @@ class PairDataset(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict:
+        """Pair i (METHOD.md (6)): the defect pasted into the good image, and its trimap (4)."""
         g = item_generator(self.seed, i)
         defect = self.defects[torch.randint(len(self.defects), (1,), generator=g).item()]
         pairs = self.train[defect]
@@ -413,16 +272,13 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 class GoodDataset(torch.utils.data.Dataset):
-    """Images for the domain stage (the UNet, or the autoencoder): every good training image and
-    every few-shot training defect image of the split, with its prompt.
+    """The domain stage's images (UNet or autoencoder): every good training image and every
+    few-shot training defect image of the split (each listed `defect_repeat` times), with prompts.
 
-    Item i is image i mod N, flipped left-right and/or up-down with probability 1/2 each, its
-    prompt replaced by "" with probability `p_empty_prompt`, all drawn from (seed, i) alone; so
-    a `length` of N·epochs gives every epoch its own flips and stays exactly reproducible.
-    `prompt_fn(object_name, defect name or None)` makes the prompts (default `default_prompt`).
-    `defect_repeat` R lists each defect image R times, so an epoch shows it R times.
-    Returns {"image": (3, S, S) in [-1, 1], "mask": (1, S, S) the defect mask (flipped with the
-    image; zeros for a good image), "prompt": str, "defect": folder or ""}.
+    Item i is image i mod N, flipped left-right and up-down with probability 1/2 each, its prompt
+    "" with probability `p_empty_prompt`, all drawn from (seed, i) alone: a `length` of N·epochs
+    gives each epoch its own flips. Returns {"image": (3, S, S) in [-1, 1], "mask": (1, S, S)
+    (zeros for a good image), "prompt", "defect": folder or ""}.
     """
 
     def __init__(self, category: Category, size: int = 256, seed: int = 0,

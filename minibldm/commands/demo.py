@@ -1,19 +1,12 @@
 """`python -m minibldm.sample` with no arguments: the bundled tiny model (weights/tiny) on demo
-inputs drawn by minibldm.synth, one defect image per category, with the full default method
-(50 DDIM steps in three stages, 200 decoder-adaptation steps), except for one weight: the
-adaptation's defect-region term weighs as much per pixel as the background's (`--fg-weight 100`,
-FG_WEIGHT below). With the reference code's weighting (1 against 100) the adaptation pulls a
-small or thin defect back to the background around it, and on the tiny model it erased most
-specks and cracks that the sampler had drawn (weights/tiny/README.md has the figures).
+inputs drawn by minibldm.synth, one defect image per category, with the full default method but
+`--fg-weight 100` (FG_WEIGHT): the defect-region term weighs as much per pixel as the background's.
+With the reference code's 1 the adaptation erased most specks and cracks the tiny model had drawn
+(weights/tiny/README.md has the figures).
 
-    minibldm_demo/inputs/<category>/...          the demo inputs (a synth dataset, seed 1: images
-                                                 the tiny model never saw; it was trained on seed 0)
-    minibldm_demo/<category>/test/<defect>/000.png, ground_truth/..., manifest.jsonl, preview.png
-                                                 one `python -m minibldm.sample` run per category
-    minibldm_demo/manifest.jsonl                 every image's record, with its category
-    minibldm_demo/preview.png                    every category's preview, one row each
-
-The folder is made in the current directory; running again resumes (nothing is redone).
+It writes minibldm_demo/ in the current directory: inputs/ (a synth dataset, seed 1: images the
+tiny model never saw; it was trained on seed 0), one `python -m minibldm.sample` output folder per
+category, and manifest.jsonl and preview.png over all of them. Running again resumes.
 """
 from __future__ import annotations
 
@@ -25,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..images import save_png
+from . import sample
 from .synth import CATEGORIES, write_dataset
 
 OUT = Path("minibldm_demo")
@@ -45,9 +40,19 @@ def sample_args(weights: Path, out: Path, category: str, defect: str) -> list[st
     return args + ["--foreground", str(root / "foreground" / "train" / "good")]
 
 
-def run(weights: Path, generate, parse_args, out: Path = OUT, log=sys.stderr) -> int:
-    """Write the demo inputs, run `generate` (sample.generate) once per category, and gather the
-    manifests and previews. Returns 0, or the first failing run's status."""
+def main(weights: Path = sample.DEFAULT_WEIGHTS) -> int:
+    """`python -m minibldm.sample` with no arguments."""
+    if not (weights / "config.json").is_file():
+        print(f"minibldm.sample: error: the bundled tiny model is missing ({weights}/config.json); "
+              "run with --weights DIR --images DIR --defect-masks DIR --object NAME --defect NAME "
+              "-n N --out OUT", file=sys.stderr)
+        return 2
+    return run(weights)
+
+
+def run(weights: Path, out: Path = OUT, log=sys.stderr) -> int:
+    """Write the demo inputs, sample once per category, and gather the manifests and previews.
+    Returns 0, or the first failing run's status."""
     t0 = time.perf_counter()
     print(f"minibldm demo: the tiny model in {weights} on synthetic inputs; writing {out}/",
           file=log, flush=True)
@@ -57,7 +62,7 @@ def run(weights: Path, generate, parse_args, out: Path = OUT, log=sys.stderr) ->
     for category, defect in DEMO_DEFECTS.items():
         argv = sample_args(weights, out, category, defect)
         print(f"{category}: python -m minibldm.sample {' '.join(argv)}", file=log, flush=True)
-        status = generate(parse_args(argv))
+        status = sample.main(argv)  # bad input: one line on stderr, status 2
         if status:
             return status
         folder = out / category
@@ -68,7 +73,7 @@ def run(weights: Path, generate, parse_args, out: Path = OUT, log=sys.stderr) ->
                          "mask": f"{category}/ground_truth/{name}/{rec['index']:03d}_mask.png", **rec})
         previews.append(np.asarray(Image.open(folder / "preview.png").convert("RGB")))
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    Image.fromarray(np.concatenate(previews, axis=0)).save(out / "preview.png")
+    save_png(np.concatenate(previews, axis=0), out / "preview.png")
     print(f"minibldm demo: {len(rows)} defect images in {time.perf_counter() - t0:.0f} s; look at "
           f"{out / 'preview.png'} (per row: good image | trimap | sample | after decoder "
           f"adaptation | mask in red)", file=log, flush=True)

@@ -18,7 +18,7 @@ Components (shapes for the tiny model: 128 px images, 16 x 16 x 4 latents, 128-w
   decoder       scaled latent -> image (decode: unscale, post_quant_conv, decoder)
   ddim          one DDIM step (eta 0) from t to t_prev with the given ε -> z_prev, x0; the
                 schedule ā in float64 as `ddim.in.alphas_cumprod`
-  sample        the whole default method for one image (minibldm.sample.defect_image): x_OK,
+  sample        the whole default method for one image (minibldm.pipeline.defect_image): x_OK,
                 the defect mask, the trimap, the prompt ids, and every random draw in order
                 (`sample.in.noise`, one (1, 4, h, w) slice per draw) -> z_OK, z*, the decoded image
                 before and after the 200-step decoder adaptation, and the loss per step
@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .ddim import alphas_cumprod, ddim_step
-from .io import file_sha256, save_atomic
-from .masks import trimap
-from .sample import defect_image
-from .sampler import Stages
-from .weights import FILES, Models
+from minibldm.adapt import adapt_decoder
+from minibldm.config import AdaptConfig, SampleConfig, Stages
+from minibldm.ddim import alphas_cumprod, ddim_step
+from minibldm.io import file_sha256, save_atomic
+from minibldm.masks import trimap
+from minibldm.pipeline import defect_image
+from minibldm.weights import FILES, Models
 
 PROMPTS = ["a woven fabric with a hole", "a metal washer with a scratch", "",
            "A PILL, with   black specks!"]
@@ -101,10 +102,10 @@ class Tape:
 
 def make_inputs(m: Models, seed: int = 0) -> dict[str, torch.Tensor]:
     """The inputs every component reads (drawn from `seed`; images from minibldm.synth)."""
-    from .synth import image_rng, make_defect, make_good
+    from minibldm.commands.synth import image_rng, make_defect, make_good
 
     cfg = m.config
-    f = 2 ** (len(cfg.autoencoder.ch_mult) - 1)
+    f = cfg.autoencoder.factor
     size = cfg.autoencoder.resolution
     c, h = cfg.autoencoder.embed_dim, size // f
     g = torch.Generator().manual_seed(seed)
@@ -131,7 +132,7 @@ def make_inputs(m: Models, seed: int = 0) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def compute(m: Models, inputs: dict[str, torch.Tensor], noise: torch.Tensor | None = None,
-            seed: int = 0) -> dict[str, torch.Tensor]:
+            seed: int = 0, adapt=adapt_decoder) -> dict[str, torch.Tensor]:
     """Every entry: `inputs` (make_inputs) completed with what the components compute. The
     whole sample draws its noise from `seed`, or replays `noise`."""
     out = dict(inputs)
@@ -170,10 +171,11 @@ def compute(m: Models, inputs: dict[str, torch.Tensor], noise: torch.Tensor | No
     sample_ids = m.tokenizer([f"a metal washer with a {SAMPLE['defect']}", ""])
     cond, unc = m.text_encoder(sample_ids).chunk(2)
     tape = Tape(torch.Generator().manual_seed(seed + 1), noise)
-    res = defect_image(m, inputs["sample.in.x_ok"], inputs["sample.in.mask"], inputs["sample.in.hint"],
-                       cond, unc, Stages(**SAMPLE["stages"]), tape, SAMPLE["guidance"], SAMPLE["eta"],
-                       SAMPLE["adapt_steps"], SAMPLE["adapt_lr"], SAMPLE["fg_weight"],
-                       SAMPLE["bg_weight"])
+    cfg = SampleConfig(Stages(**SAMPLE["stages"]), SAMPLE["guidance"], SAMPLE["eta"],
+                       adapt=AdaptConfig(SAMPLE["adapt_steps"], SAMPLE["adapt_lr"],
+                                         SAMPLE["fg_weight"], SAMPLE["bg_weight"]))
+    res = defect_image(m, inputs["sample.in.x_ok"], inputs["sample.in.mask"],
+                       inputs["sample.in.hint"], cond, unc, tape, cfg, adapt)
     out["sample.in.ids"] = sample_ids
     out["sample.in.noise"] = torch.stack(tape.drawn)
     for k in ("z_ok", "z", "before", "after"):
@@ -199,14 +201,15 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
-def recompute(m: Models, ref: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def recompute(m: Models, ref: dict[str, torch.Tensor], adapt=adapt_decoder) -> dict[str, torch.Tensor]:
     """Every entry, recomputed by the current code from the inputs and recorded noise of `ref`;
-    the decoder and the DDIM step from ref's own inputs (each component checked on its own)."""
+    the decoder and the DDIM step from ref's own inputs (each component checked on its own).
+    adapt: Algorithm 2's implementation (fast.adapt_decoder checks the fast path)."""
     inputs = {k: ref[k] for k in ("control.in.z_t", "control.in.t", "control.in.hint",
                                   "encoder.in.image", "ddim.in.t", "sample.in.x_ok",
                                   "sample.in.mask", "sample.in.hint", "decoder.in.z",
                                   "ddim.in.z_t", "ddim.in.eps")}
-    return compute(m, inputs, noise=ref["sample.in.noise"])
+    return compute(m, inputs, noise=ref["sample.in.noise"], adapt=adapt)
 
 
 def differences(ref: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -1,7 +1,6 @@
 """What each step of `python -m minibldm.train` reads: the run's samples, indexed by their
-position in the run, split across processes, with every random draw a function of (--seed, the
-sample's index) alone. So a run gives the same batches however it is split across processes or
-restarts (minibldm/train.py; the datasets themselves are minibldm/data.py's).
+position in the run and split across processes, every random draw a function of (--seed, the
+sample's index) alone, so that a run gives the same batches however it is split or restarted.
 """
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..config import AutoencoderConfig
 from .data import GoodDataset, PairDataset, default_prompt, load_or_make_split, read_category
 from .runfolder import TrainError
 
@@ -69,11 +69,13 @@ class StepBatches(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.steps - self.start
 
-    def __iter__(self):
+    def indices(self, step: int) -> list[int]:
         b = self.batch // self.world
-        for s in range(self.start, self.steps):
-            first = s * self.batch + self.rank * b
-            yield list(range(first, first + b))
+        first = step * self.batch + self.rank * b
+        return list(range(first, first + b))
+
+    def __iter__(self):
+        return map(self.indices, range(self.start, self.steps))
 
 
 def collate(items: list[dict]) -> dict:
@@ -104,21 +106,18 @@ def read_data(args, out: Path, rank: int, world: int, log) -> tuple[list, list[d
     for c in cats if args.stage == "control" else ():
         if not c.defects:
             raise TrainError(f"{c.root}: no defect images with masks to train the trimap branch on")
-    splits = []
-    for turn in ((0,) if world == 1 else (0, 1)):
-        if (rank == 0) == (turn == 0):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the short types are reported below, once
-                splits = [load_or_make_split(split_path(out, cats, i), c, args.k, args.seed)
-                          for i, c in enumerate(cats)]
-        if world > 1:
-            dist.barrier()
+    if rank > 0:
+        dist.barrier()  # process 0 makes the splits first; the others then read them
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the short types are reported below, once
+        splits = [load_or_make_split(split_path(out, cats, i), c, args.k, args.seed)
+                  for i, c in enumerate(cats)]
+    if rank == 0 and world > 1:
+        dist.barrier()
     for c, s in zip(cats, splits):
-        wanted = args.defect or sorted(s["defects"])
-        for d in wanted:
-            if d in s["short"]:
-                log(f"note: {c.root.name}/{d} has {s['short'][d]} real defect images, fewer than "
-                    f"k={args.k}; training on all {s['short'][d]} (none is left for evaluation)")
+        for d in [d for d in args.defect or sorted(s["defects"]) if d in s["short"]]:
+            log(f"note: {c.root.name}/{d} has {s['short'][d]} real defect images, fewer than "
+                f"k={args.k}; training on all {s['short'][d]} (none is left for evaluation)")
     return cats, splits
 
 
@@ -149,14 +148,18 @@ def all_prompts(cats: list) -> list[str]:
     return out
 
 
-# ---- the random draws of a sample -----------------------------------------------------------
+def latent_shape(cfg: AutoencoderConfig, size: int) -> tuple[int, int, int]:
+    """The shape of one latent of a size x size image: (embed_dim, size / f, size / f)."""
+    return cfg.embed_dim, size // cfg.factor, size // cfg.factor
 
-def sample_draws(seed: int, indices: list[int], latent_shape: tuple[int, ...]):
-    """Per sample i: t ~ U{0..999}, the noise ε and the posterior noise, from (seed, i) alone."""
+
+def sample_draws(seed: int, indices: list[int], shape: tuple[int, ...]):
+    """Per sample i: t ~ U{0..999} and the noise ε of METHOD.md (7), and the posterior noise n
+    of (1) (each of the latent's `shape`), from (seed, i) alone."""
     ts, eps, post = [], [], []
     for i in indices:
         g = torch.Generator().manual_seed(derived_seed(seed, "noise", i))
         ts.append(torch.randint(0, NUM_TIMESTEPS, (), generator=g))
-        eps.append(torch.randn(latent_shape, generator=g))
-        post.append(torch.randn(latent_shape, generator=g))
+        eps.append(torch.randn(shape, generator=g))
+        post.append(torch.randn(shape, generator=g))
     return torch.stack(ts), torch.stack(eps), torch.stack(post)

@@ -2,18 +2,17 @@
 
 The run folder (--out) is a complete weights folder (`minibldm.load(RUN_DIR)` reads it):
   config.json             the model config, "image_size", and "train": this run's settings
-  split.json              the few-shot split (data.load_or_make_split; split-<i>-<name>.json
-                          per category when --data names several), reused when the run resumes
+  split.json              the few-shot split, reused when the run resumes (split-<i>-<name>.json
+                          per category when --data names several)
   <network>.safetensors   the trained networks as of the last checkpoint; the others hard-linked
                           (else copied) from --weights, or their seeded random init. Only the
-                          control stage writes control.safetensors (the other stages change
-                          what a trimap branch was trained against); its metadata holds
-                          {"defects": JSON list, "defect_names": JSON object, "object": name}
+                          control stage writes control.safetensors (the other stages change what
+                          a trimap branch was trained against), with the defects and the object
+                          it was trained for in its metadata
   vocab.json, merges.txt  the tokenizer
-  checkpoint.safetensors  the trained networks, AdamW's state per parameter ("adamw/<net>.<param>/
-                          exp_avg" ...), and in its metadata the step, the settings and the
-                          fp16 loss scale. No pickle. Written atomically every --checkpoint-every
-                          steps and at the end.
+  checkpoint.safetensors  the trained networks, AdamW's state and, in its metadata, the step, the
+                          settings and the fp16 loss scale (no pickle); written atomically every
+                          --checkpoint-every steps and at the end
   loss.csv                step,loss (the mean over all processes); loss.png at the end
 Re-running with the same --out continues from checkpoint.safetensors (to a larger --steps if
 given); on CPU the result is bit-for-bit that of an uninterrupted run. A run whose settings differ
@@ -35,28 +34,56 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from .config import ModelConfig
-from .io import load_into, save_atomic, write_text_atomic
-from .tokenizer import Tokenizer
-from .weights import FILES
+from ..config import ModelConfig
+from ..io import load_into, save_atomic, write_text_atomic
+from ..tokenizer import Tokenizer
+from ..weights import FILES
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "minibldm.train/1"
+# Settings a resumed run may change; every other one must equal the checkpoint's.
+# (--config's path may change too: its content is compared as "model".)
+MAY_CHANGE = {"steps", "checkpoint_every", "device", "num_workers", "grad_checkpoint", "log_every",
+              "out", "config"}
+# Settings added after runs were made: a checkpoint without one was made with this value.
+ADDED_SETTINGS = {"defect_weight": 1.0}
 
 
 class TrainError(Exception):
     """Bad input or a failed run; the message is one line."""
 
 
-# ---- checkpoint -----------------------------------------------------------------------------
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Names of the fields whose values differ, nested ones as `model.unet.model_channels`."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += differences(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}")
+    return out
 
-def save_checkpoint(path: Path, step: int, nets: dict, named_params: list, optimizer,
-                    scaler, run: dict) -> None:
-    tensors = {f"net/{name}/{k}": v for name, net in nets.items() for k, v in net.state_dict().items()}
-    for pname, p in named_params:
-        for key, value in optimizer.state.get(p, {}).items():
+
+def check_resumable(out: Path, state: dict, run: dict, rescaled: bool) -> None:
+    """A TrainError naming the settings in which `run` differs from the checkpoint's, other
+    than MAY_CHANGE (and the latent scale when this run sets it anew: `rescaled`)."""
+    differ = [k for k in differences({**ADDED_SETTINGS, **state["run"]}, run)
+              if k.split(".")[0] not in MAY_CHANGE
+              and not (k == "model.autoencoder.scale_factor" and rescaled)]
+    if differ:
+        raise TrainError(f"--out {out}: holds a run with other settings ({', '.join(differ)}); "
+                         "use those settings or another --out")
+
+
+def save_checkpoint(path: Path, step: int, opt, run: dict) -> None:
+    """opt: a train.Optimizer, whose trained networks and AdamW state are saved."""
+    tensors = {f"net/{name}/{k}": v for name, net in opt.trained.items()
+               for k, v in net.state_dict().items()}
+    for pname, p in opt.named_params:
+        for key, value in opt.adamw.state.get(p, {}).items():
             tensors[f"adamw/{pname}/{key}"] = torch.as_tensor(value)
-    state = {"step": step, "scaler": scaler.state_dict() if scaler.is_enabled() else None, "run": run}
+    scaler = opt.scaler.state_dict() if opt.scaler.is_enabled() else None
+    state = {"step": step, "scaler": scaler, "run": run}
     save_atomic(tensors, path, {"format": CHECKPOINT_FORMAT, "state": json.dumps(state)})
 
 
@@ -72,13 +99,14 @@ def read_checkpoint_state(path: Path) -> dict:
                          "to start the run again") from None
 
 
-def load_checkpoint(path: Path, state: dict, nets: dict, named_params: list, optimizer, scaler) -> None:
+def load_checkpoint(path: Path, state: dict, opt) -> int:
+    """Restore `opt` (a train.Optimizer) as of the checkpoint; returns its step."""
     tensors = load_file(str(path))
-    for name, net in nets.items():
+    for name, net in opt.trained.items():
         prefix = f"net/{name}/"
         load_into(net, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
                   str(path), name)
-    index = {pname: i for i, (pname, _) in enumerate(named_params)}
+    index = {pname: i for i, (pname, _) in enumerate(opt.named_params)}
     opt_state = {}
     for k, v in tensors.items():
         if k.startswith("adamw/"):
@@ -86,13 +114,12 @@ def load_checkpoint(path: Path, state: dict, nets: dict, named_params: list, opt
             if pname not in index:
                 raise TrainError(f"{path}: optimizer state for an unknown parameter {pname}")
             opt_state.setdefault(index[pname], {})[key] = v
-    optimizer.load_state_dict({"state": opt_state,
-                               "param_groups": optimizer.state_dict()["param_groups"]})
+    opt.adamw.load_state_dict({"state": opt_state,
+                               "param_groups": opt.adamw.state_dict()["param_groups"]})
     if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+        opt.scaler.load_state_dict(state["scaler"])
+    return state["step"]
 
-
-# ---- weights folder -------------------------------------------------------------------------
 
 def place_file(src: Path, dst: Path) -> None:
     """dst becomes src's content: a hard link where possible (no copy of GBs of frozen weights;
@@ -130,28 +157,24 @@ def write_trained(out: Path, nets: dict, trained: tuple[str, ...],
 
 def write_run_folder(out: Path, args, cfg: ModelConfig, run: dict, sources: dict, nets: dict,
                      trained: tuple[str, ...], tokenizer: Tokenizer, tok_source: str) -> None:
-    """config.json, tokenizer, and every network this run does not train (linked or new)."""
+    """config.json, tokenizer, and every network this run does not train (linked or new). Only
+    the control stage has a trimap branch: one fits the UNet and latents it was trained with."""
     out.mkdir(parents=True, exist_ok=True)
     origin = {}
-    for name in ("autoencoder", "unet", "text_encoder", "control"):
-        if name == "control" and args.stage != "control":
-            continue  # a trimap branch fits the UNet and latents it was trained with; not carried
+    for name, net in nets.items():
         if name in trained:
             origin[name] = "trained" + (" (from --weights)" if sources[name] == "weights" else "")
         elif sources[name] == "weights":
             place_file(Path(args.weights) / FILES[name], out / FILES[name])
             origin[name] = "linked from --weights"
-        elif name in nets:
-            save_atomic(nets[name].state_dict(), out / FILES[name])
+        else:
+            save_atomic(net.state_dict(), out / FILES[name])
             origin[name] = f"random init (seed {args.seed})"
     tokenizer.save(out)
-    raw = {"autoencoder": dataclasses.asdict(cfg.autoencoder), "unet": dataclasses.asdict(cfg.unet),
-           "text": dataclasses.asdict(cfg.text), "image_size": args.size,
+    raw = {**dataclasses.asdict(cfg), "image_size": args.size,
            "train": {**run, "networks": origin, "tokenizer": tok_source}}
     write_text_atomic(out / "config.json", json.dumps(raw, indent=2) + "\n")
 
-
-# ---- loss log -------------------------------------------------------------------------------
 
 def read_loss_log(path: Path, upto: int) -> list[tuple[int, float]]:
     if not path.is_file():
@@ -169,14 +192,14 @@ def draw_loss_curve(rows: list[tuple[int, float]], path: Path, title: str) -> No
     d, font = ImageDraw.Draw(img), ImageFont.load_default()
     d.text((left, 10), title, fill="black", font=font)
     rows = [(s, v) for s, v in rows if math.isfinite(v)]
-    if len(rows) < 1:
+    if not rows:
         d.text((left, H // 2), "no finite loss logged", fill="black", font=font)
         img.save(path)
         return
     steps, vals = [s for s, _ in rows], [v for _, v in rows]
-    w = max(1, len(vals) // 50)
-    smooth = [sum(vals[max(0, i - w + 1):i + 1]) / len(vals[max(0, i - w + 1):i + 1])
-              for i in range(len(vals))]
+    w = max(1, len(vals) // 50)  # the running mean's window
+    wins = [vals[max(0, i - w + 1):i + 1] for i in range(len(vals))]
+    smooth = [sum(win) / len(win) for win in wins]
     lo, hi = min(vals), sorted(vals)[min(len(vals) - 1, int(0.99 * len(vals)))]
     hi = hi if hi > lo else lo + 1e-12 + abs(lo) * 0.1
     s0, s1 = min(steps[0], 0), max(steps[-1], 1)

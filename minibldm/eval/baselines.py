@@ -1,22 +1,8 @@
 """Training defects for the detector comparison (`python -m minibldm.evaluate`).
 
-Each source is a callable: source(i) -> (image (3, S, S) in [-1, 1], mask (S, S) {0, 1}), a
-function of (seed, i) alone. Images are read at S x S (resized, not cropped).
-
-  * `FixedPairs`: a fixed list of defect images with their masks, a type drawn uniformly and
-    then one of its images. `real-only` uses the k real training defects per type; `minibldm`
-    the images a `python -m minibldm.sample` run wrote.
-  * `CropPaste`: a real training defect's masked pixels, rotated (0-360 degrees) and scaled
-    (0.85-1.15), pasted on a good image inside its foreground F (`data.PairDataset`, which calls
-    `masks.paste_defect`); the mask is exactly the pasted pixels.
-  * `Perlin`: DRAEM's simulated anomalies (Zavrtanik et al., ICCV 2021, eq. 1): a mask M from
-    thresholded Perlin noise (inside F), and I_a = (1 - M) I + (1 - beta) M A + beta M I with
-    beta ~ U[0, 0.8). DTD is not at hand, so the anomaly texture A is another good image of the
-    dataset, its 4 x 4 tiles shuffled and its colours jittered (`anomaly_source`), and the
-    noise is not rotated (DRAEM turns it by up to 90 degrees; the random lattice aspect, 1 to 32
-    cells a side, gives the shapes their variety).
-
-The evaluation then flips and turns every training image, good or defective, by `flip_rotate`.
+Each source is a callable, source(i) -> (image (3, S, S) in [-1, 1], mask (S, S) {0, 1}), and a
+function of (seed, i) alone, so any item can be remade; images are read at S x S (resized, not
+cropped). The evaluation then flips and turns every training image (`flip_rotate`).
 """
 from __future__ import annotations
 
@@ -27,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data import DecodedImages, PairDataset
+from ..commands.data import DecodedImages, PairDataset
 
 
 def stream(seed: int, name: str, i: int) -> torch.Generator:
@@ -39,28 +25,24 @@ def stream(seed: int, name: str, i: int) -> torch.Generator:
 def flip_rotate(tensors: list[Tensor], generator: torch.Generator) -> list[Tensor]:
     """The same random left-right flip (p = 1/2) and quarter turn (0, 90, 180 or 270 degrees) of
     each (..., H, W) tensor, H == W."""
-    flip, turns = torch.randint(2, (1,), generator=generator).item(), \
-        torch.randint(4, (1,), generator=generator).item()
-    out = []
-    for t in tensors:
-        t = t.flip(-1) if flip else t
-        out.append(torch.rot90(t, turns, (-2, -1)))
-    return out
+    flip = torch.randint(2, (1,), generator=generator).item()
+    turns = torch.randint(4, (1,), generator=generator).item()
+    return [torch.rot90(t.flip(-1) if flip else t, turns, (-2, -1)) for t in tensors]
 
 
-def _as_float(image: Tensor) -> Tensor:
+def signed(image: Tensor) -> Tensor:
+    """uint8 -> float in [-1, 1]."""
     return image.float() / 127.5 - 1
 
 
-# ---- fixed pairs (real-only, minibldm) --------------------------------------------------------
-
 class FixedPairs:
-    """Defect images and masks as given, read once at S x S: {type: [(image path, mask path)]}."""
+    """Defect images and masks as given, {type: [(image path, mask path)]}, read once: a type is
+    drawn uniformly, then one of its images (real-only, minibldm, minibldm+real)."""
 
     def __init__(self, pairs: dict[str, list[tuple[Path, Path]]], decoded: DecodedImages,
                  seed: int = 0):
         self.types = sorted(t for t in pairs if pairs[t])
-        self.items = {t: [(_as_float(decoded.image(i)), decoded.mask(m).float())
+        self.items = {t: [(signed(decoded.image(i)), decoded.mask(m).float())
                           for i, m in pairs[t]] for t in self.types}
         self.seed = seed
 
@@ -73,10 +55,9 @@ class FixedPairs:
         return items[torch.randint(len(items), (1,), generator=g).item()]
 
 
-# ---- crop and paste ---------------------------------------------------------------------------
-
 class CropPaste:
-    """A real training defect, random affine, pasted inside F of a good image (PairDataset)."""
+    """PairDataset's items: a real training defect pasted inside a good image's foreground by
+    masks.paste_defect (random rotation and scale); the mask is exactly the pasted pixels."""
 
     def __init__(self, pairs: PairDataset):
         self.pairs = pairs
@@ -85,8 +66,6 @@ class CropPaste:
         item = self.pairs[i]
         return item["image"], item["mask"][0]
 
-
-# ---- DRAEM-style Perlin anomalies -------------------------------------------------------------
 
 def perlin_noise(size: int, res: tuple[int, int], generator: torch.Generator) -> Tensor:
     """2-D gradient noise (Perlin, "Improving noise", SIGGRAPH 2002: random unit gradients on a
@@ -104,10 +83,7 @@ def perlin_noise(size: int, res: tuple[int, int], generator: torch.Generator) ->
         g = grad[y0 + dy][:, x0 + dx]  # (S, S, 2)
         return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
 
-    def fade(t: Tensor) -> Tensor:
-        return t ** 3 * (t * (6 * t - 15) + 10)
-
-    uy, ux = fade(fy), fade(fx)
+    uy, ux = (t ** 3 * (t * (6 * t - 15) + 10) for t in (fy, fx))  # the quintic fade
     top = corner(0, 0) + ux * (corner(0, 1) - corner(0, 0))
     bottom = corner(1, 0) + ux * (corner(1, 1) - corner(1, 0))
     return (math.sqrt(2) * (top + uy * (bottom - top))).float()
@@ -151,7 +127,9 @@ def anomaly_source(image: Tensor, generator: torch.Generator, grid: int = 4) -> 
 
 def perlin_defect(good: Tensor, source: Tensor, foreground: Tensor,
                   generator: torch.Generator) -> tuple[Tensor, Tensor, float]:
-    """DRAEM eq. 1 on a (3, S, S) good image: returns (image, mask (S, S), beta)."""
+    """DRAEM (Zavrtanik et al., ICCV 2021) eq. 1 on a (3, S, S) good image I with anomaly
+    texture A: I_a = (1 - M) I + (1 - beta) M A + beta M I, beta ~ U[0, 0.8), M `perlin_mask`.
+    Returns (I_a, M (S, S), beta)."""
     mask = perlin_mask(foreground, generator)
     beta = 0.8 * torch.rand(1, generator=generator).item()
     blended = (1 - beta) * source + beta * good
@@ -159,7 +137,10 @@ def perlin_defect(good: Tensor, source: Tensor, foreground: Tensor,
 
 
 class Perlin:
-    """DRAEM-style anomalies on the good training images (their foregrounds from `decoded`)."""
+    """DRAEM-style anomalies on the good training images, inside their foregrounds. DTD is not at
+    hand, so the texture A is another good image, tiles shuffled and colours jittered
+    (`anomaly_source`); the noise is not rotated (DRAEM turns it by up to 90 degrees; the random
+    lattice aspect, 1 to 32 cells a side, gives the shapes their variety)."""
 
     def __init__(self, good: list[Path], decoded: DecodedImages, seed: int = 0):
         self.good, self.decoded, self.seed = good, decoded, seed
@@ -169,7 +150,7 @@ class Perlin:
         n = len(self.good)
         j = torch.randint(n, (1,), generator=g).item()
         k = (j + 1 + torch.randint(n - 1, (1,), generator=g).item()) % n if n > 1 else j
-        good = _as_float(self.decoded.image(self.good[j]))
-        source = anomaly_source(_as_float(self.decoded.image(self.good[k])), g)
+        good = signed(self.decoded.image(self.good[j]))
+        source = anomaly_source(signed(self.decoded.image(self.good[k])), g)
         image, mask, _ = perlin_defect(good, source, self.decoded.foreground(self.good[j]), g)
         return image, mask

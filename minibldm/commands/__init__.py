@@ -1,0 +1,1 @@
+"""Commands: what `python -m minibldm.sample`, `.train` and `.synth` run, and what they share."""

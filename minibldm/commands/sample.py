@@ -1,0 +1,374 @@
+"""python -m minibldm.sample: make defect images with pixel-aligned masks (AdaBLDM).
+
+For each output k: a good image x_OK, its foreground F, a defect mask M* (a real few-shot mask,
+randomly rotated and scaled, placed inside F; or the user's exact mask) and the trimap Γ go
+through minibldm/pipeline.py (Algorithms 1 and 2). Writes, in the MVTec AD layout so that
+anomaly-detection tools read it directly:
+
+    OUT/test/<defect>/000.png  OUT/ground_truth/<defect>/000_mask.png (0/255)
+    OUT/manifest.jsonl         one JSON line per image (seed, source, placement, prompt, stages,
+                               adaptation loss before/after, background PSNR against x_OK)
+    OUT/preview.png            good | trimap | before adaptation | after | mask overlay
+    OUT/run.json               the settings; a rerun with the same OUT resumes, a different one is refused
+
+Image k depends only on (seed, k), so `--first K -n N` shards a job across processes and a
+resumed run gives the same bytes as an uninterrupted one. Bad input: one line on stderr, exit
+status 2, nothing written. With no arguments: the demo of the bundled tiny model (demo.py).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from .. import adapt, fast
+from ..config import LATENT_MASKS, AdaptConfig, SampleConfig, Stages
+from ..foreground import foreground_for
+from ..images import (IMAGE_SUFFIXES, DataError, mask_to_tensor, read_image, read_mask, save_png,
+                      to_tensor, to_uint8)
+from ..io import WeightsError
+from ..masks import PlacementError, sample_defect_mask, trimap
+from ..pipeline import (defect_image, encode_prompt, image_seed, paste_background, per_image_noise,
+                        prompt, psnr)
+from ..weights import load, read_config
+from .common import Parser, UsageError
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "tiny"
+KNOBS = SampleConfig()  # the method's knobs with their defaults, from minibldm/config.py
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def image_files(folder: Path, what: str) -> list[Path]:
+    if not folder.is_dir():
+        raise UsageError(f"{what} {folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UsageError(f"{what} {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+# --- planning: everything that reads input happens before anything is written ---------------
+
+def marked_texture(images: Path) -> bool:
+    """Whether the category holding `images` marks itself a texture in its meta.json (as
+    minibldm.synth writes; looked for in the folder and the two above it, MVTec's train/good)."""
+    for folder in (images, images.parent, images.parent.parent):
+        if (folder / "meta.json").is_file():
+            try:
+                return bool(json.loads((folder / "meta.json").read_text()).get("texture", False))
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise UsageError(f"{folder / 'meta.json'}: not a JSON object") from None
+    return False
+
+
+def read_masks(folder: Path, size: int, flag: str) -> tuple[list[torch.Tensor], list[Path], bool]:
+    """The masks of `flag`'s folder at model resolution, their files, whether all were binary."""
+    files = image_files(folder, flag)
+    read = [(mask_to_tensor(m, size), binary) for m, binary in map(read_mask, files)]
+    return [m for m, _ in read], files, all(binary for _, binary in read)
+
+
+def plan_images(args, size: int) -> tuple[list[dict], bool]:
+    """One entry per output image (source path, defect mask (size x size), foreground, info), and
+    whether all masks were binary."""
+    goods = image_files(Path(args.images), "--images")
+    fg_dir = Path(args.foreground) if args.foreground else None
+    texture = args.texture or (fg_dir is None and marked_texture(Path(args.images)))
+    if args.exact_masks:
+        masks, files, binary = read_masks(Path(args.exact_masks), size, "--exact-masks")
+        jobs = [(k, f, m) for k, (f, m) in enumerate(zip(files, masks))][args.first:args.first + args.n]
+    else:
+        few, files, binary = read_masks(Path(args.defect_masks), size, "--defect-masks")
+        jobs = [(k, None, None) for k in range(args.first, args.first + args.n)]
+    plans, fg_cache = [], {}
+    for k, mask_file, exact in jobs:
+        g = torch.Generator().manual_seed(image_seed(args.seed, k))
+        if args.good:
+            good = Path(args.good)
+        elif exact is not None and (Path(args.images) / mask_file.name).is_file():
+            good = Path(args.images) / mask_file.name  # a good image named like the mask
+        else:
+            good = goods[int(torch.randint(len(goods), (1,), generator=g))]
+        image = read_image(good)
+        if good not in fg_cache:
+            fg = foreground_for(good, image, fg_dir=fg_dir, texture=texture)
+            fg_cache[good] = mask_to_tensor(fg, size)
+        fg = fg_cache[good]
+        if exact is not None:
+            mask_size = read_mask(mask_file)[0].shape
+            if mask_size != image.shape[:2] and not args.resize_masks:
+                raise UsageError(f"{mask_file}: mask is {mask_size[1]}x{mask_size[0]} but its image "
+                                 f"{good} is {image.shape[1]}x{image.shape[0]} (--resize-masks to resize)")
+            mask, info = exact, {"mask_file": str(mask_file)}
+        else:
+            try:
+                mask, info = sample_defect_mask(few, fg, g, translate_only=args.translate_only)
+            except PlacementError as e:
+                raise UsageError(f"{good}: no placement of a defect mask inside the foreground ({e})")
+            info["mask_file"] = str(files[info["source"]])
+        plans.append(dict(k=k, good=good, mask=mask, fg=fg, info=info))
+    return plans, binary
+
+
+def parse_args(argv):
+    p = Parser(prog="python -m minibldm.sample", description=__doc__.split("\n\n")[0])
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="minibldm weights folder (default: the bundled tiny model)")
+    io.add_argument("--control", help="control.safetensors of a training run, when --weights has none")
+    io.add_argument("--images", help="folder of defect-free images x_OK")
+    io.add_argument("--defect-masks", help="folder of real few-shot defect masks M_NG")
+    io.add_argument("--exact-masks", help="folder of masks used as they are: one output per mask")
+    io.add_argument("--good", help="use this good image for every output")
+    io.add_argument("--resize-masks", action="store_true", help="accept exact masks whose size differs from their image")
+    fg = io.add_mutually_exclusive_group()
+    fg.add_argument("--foreground", help="folder of foreground masks (same stems as the images)")
+    fg.add_argument("--texture", action="store_true", help="a surface: the foreground is the whole image")
+    io.add_argument("--object", help='object name for the prompt "a {object} with a {defect}"')
+    io.add_argument("--defect", help="defect name (prompt and output folder)")
+    io.add_argument("-n", type=int, help="number of images")
+    io.add_argument("--first", type=int, default=0, help="index of the first image (to shard a job)")
+    io.add_argument("--out", help="output folder (MVTec AD layout)")
+    io.add_argument("--seed", type=int, default=0)
+    S, A, add = KNOBS.stages, KNOBS.adapt, p.add_argument_group("method").add_argument
+    add("--size", type=int, help="image size the model works at (default: the weights' or 256)")
+    add("--steps", type=int, default=S.steps, help="DDIM steps N (reference: %(default)s)")
+    add("--latent-start", type=int, default=S.latent_start,
+        help="first latent-editing step (reference: %(default)s)")
+    add("--latent-stop", type=int, default=S.latent_stop,
+        help="latent editing before this step (reference: %(default)s)")
+    add("--image-start", type=int, default=S.image_start,
+        help="first image-editing step (reference: %(default)s)")
+    add("--stage-lengths", type=int, nargs=3, metavar=("FREE", "LATENT", "IMAGE"),
+        help="consecutive stage lengths instead; the paper's are 50 30 5")
+    add("--latent-mask", choices=LATENT_MASKS, default=KNOBS.latent_mask,
+        help="how M* shrinks to the latent grid: nearest (reference code) or cover (every latent "
+             "cell the mask touches; keeps defects thinner than 8 px)")
+    add("--guidance", type=float, default=KNOBS.guidance, help="text-only classifier-free guidance")
+    add("--eta", type=float, default=KNOBS.eta, help="DDIM eta")
+    add("--translate-only", action="store_true",
+        help="place masks without rotation or scaling (reference test script)")
+    add("--adapt-steps", type=int, default=A.steps, help="decoder adaptation steps T_ft (0: none)")
+    add("--adapt-lr", type=float, default=A.lr)
+    add("--adapt-blocks", type=int, metavar="N", help="faster, not the paper's method: adapt only "
+        "the decoder's output head and last N upsampling levels (default: the whole decoder)")
+    add("--bg-weight", type=float, default=A.bg_weight,
+        help="weight of the background term (reference: %(default)s)")
+    add("--fg-weight", type=float, default=A.fg_weight,
+        help="weight of the defect-region term (reference code: %(default)s; the paper's "
+             "lambda_con). 100 stops the adaptation from erasing small or thin defects")
+    add("--paste-background", action="store_true", help="copy x_OK as is outside a feathered mask")
+    add("--batch-size", type=int, default=1, metavar="B", help="images sampled and adapted "
+        "together, one decoder copy each (default 1); the same images as one at a time up to "
+        "float rounding")
+    add("--compile", action="store_true", help="torch.compile the UNet, the trimap branch (on a "
+        "CPU frozen into the graph: a second copy of their weights, +4.7 GiB for SD 1.5 float32) "
+        "and decoder adaptation (at --batch-size 1); the first image compiles, minutes on a CPU")
+    add("--device", default="cpu", help="cpu or cuda")
+    add("--dtype", default="float32", choices=sorted(DTYPES), help="the networks' dtype; the "
+        "decoder adaptation trains a float32 copy under autocast to it (default float32)")
+    add("--reference", action="store_true", help="run the pure reference path (minibldm/adapt.py's "
+        "loop, no CPU routes); the same images up to float rounding, slower")
+    add("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> SampleConfig:
+    if args.n is None and not args.exact_masks:
+        raise UsageError("-n is required (the number of images)")
+    if args.n is None:
+        args.n = 10 ** 9  # every exact mask
+    for flag, value in (("-n", args.n), ("--batch-size", args.batch_size)):
+        if value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    for name in ("images", "object", "defect", "out"):
+        if getattr(args, name) is None:
+            raise UsageError(f"--{name} is required")
+    if not args.defect_masks and not args.exact_masks:
+        raise UsageError("--defect-masks (few-shot masks to sample from) or --exact-masks is required")
+    if args.adapt_blocks is not None and args.adapt_blocks < 0:
+        raise UsageError(f"--adapt-blocks must be >= 0, got {args.adapt_blocks}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a folder")
+    if args.good and not Path(args.good).is_file():
+        raise UsageError(f"--good {args.good}: no such file")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here")
+    if args.reference and (args.compile or args.adapt_blocks is not None):
+        raise UsageError("--reference runs the reference path: not with --compile or --adapt-blocks")
+    try:
+        stages = (Stages.from_lengths(*args.stage_lengths) if args.stage_lengths
+                  else Stages(args.steps, args.latent_start, args.latent_stop, args.image_start))
+        return SampleConfig(stages, args.guidance, args.eta, args.latent_mask,
+                            AdaptConfig(args.adapt_steps, args.adapt_lr, args.fg_weight,
+                                        args.bg_weight))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_control_names(path: Path, defect: str) -> None:
+    """Refuse a defect the control branch was not trained for, when its file records names."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "defects" in meta:
+        names = json.loads(meta["defects"])
+        names += list(json.loads(meta.get("defect_names", "{}")).values())  # the prompt's words
+        for per_object in json.loads(meta.get("objects", "{}")).values():
+            names += list(per_object.values())
+        if names and defect not in names and defect.replace(" ", "_") not in names:
+            raise UsageError(f"{path}: trained for defects {', '.join(names)}, not '{defect}'")
+
+
+def run_settings(args, stages: Stages, size: int) -> dict:
+    """What run.json records: a rerun into the same --out must match it to resume."""
+    keys = ("weights", "control", "images", "defect_masks", "exact_masks", "good", "foreground",
+            "texture", "object", "defect", "seed", "guidance", "eta", "translate_only",
+            "adapt_steps", "adapt_lr", "adapt_blocks", "bg_weight", "fg_weight", "paste_background",
+            "dtype", "latent_mask")
+    return {**{k: getattr(args, k) for k in keys}, "size": size, "stages": vars(stages)}
+
+
+def main(argv=None) -> int:
+    """`python -m minibldm.sample ARGS` (minibldm/sample.py runs the demo when there are none)."""
+    try:
+        return generate(parse_args(argv))
+    except (UsageError, DataError, WeightsError) as e:
+        print(f"minibldm.sample: error: {e}", file=sys.stderr)
+        return 2
+
+
+def load_models(args):
+    """The weights with a trimap branch for this run's defect, with the fast layer applied
+    (unless --reference) and the UNet and branch compiled with --compile."""
+    models = load(args.weights, device=args.device, dtype=DTYPES[args.dtype], control=args.control)
+    if models.control is None:
+        raise UsageError(f"{args.weights}: has no trimap branch (control.safetensors); pass --control")
+    check_control_names(Path(args.control) if args.control else Path(args.weights) / "control.safetensors",
+                        args.defect)
+    if not args.reference:
+        fast.optimize(models)
+    if args.compile:
+        dev = torch.device(args.device)
+        models.unet = fast.compile_frozen(models.unet, dev)
+        models.control = fast.compile_frozen(models.control, dev)
+    return models
+
+
+def prepare_out(args, settings: dict) -> set[int]:
+    """Refuse an --out holding another run; the indices already done when it holds this one."""
+    out = Path(args.out)
+    if (out / "run.json").is_file():
+        before = json.loads((out / "run.json").read_text())
+        differ = sorted(k for k in settings if before.get(k) != json.loads(json.dumps(settings[k])))
+        if differ:
+            raise UsageError(f"--out {out}: holds a run with other settings ({', '.join(differ)}); "
+                             "use another folder")
+    manifest = out / "manifest.jsonl"
+    lines = manifest.read_text().splitlines() if manifest.is_file() else []
+    return {json.loads(line)["index"] for line in lines if line.strip()}
+
+
+def generate(args) -> int:
+    """Plan every image (reading all input), then sample the pending ones in batches."""
+    cfg = check_args(args)
+    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    models = load_models(args)
+    size = args.size or read_config(args.weights).get("image_size", 256)
+    if size % models.config.size_multiple:
+        raise UsageError(f"--size {size}: must be a multiple of {models.config.size_multiple} "
+                         "for these weights")
+    settings = run_settings(args, cfg.stages, size)
+    done = prepare_out(args, settings)
+    plans, binary = plan_images(args, size)
+    if not binary:  # said even with --quiet: it is about the user's data
+        print("minibldm.sample: note: some masks were not binary; thresholded at 127",
+              file=sys.stderr)
+
+    # -- from here on, OUT is written --
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(settings, indent=2) + "\n")
+    text = prompt(args.object, args.defect)
+    cond, uncond = encode_prompt(models, text)
+    models.text_encoder = None  # one prompt per run: its weights (0.5 GB at SD size) are freed here
+    adapt_fn = adapt.adapt_decoder if args.reference else functools.partial(
+        fast.adapt_decoder, blocks=args.adapt_blocks, compile=args.compile)
+    rows = []
+    pending = [(n, plan) for n, plan in enumerate(plans) if plan["k"] not in done]
+    for c in range(0, len(pending), args.batch_size):
+        chunk = pending[c:c + args.batch_size]
+        rows += sample_chunk(args, models, cfg, chunk, len(plans), (cond, uncond, text), adapt_fn,
+                             log)
+    if rows:
+        contact_sheet(rows, out / "preview.png")
+    log(f"wrote {len(rows)} images to {out}")
+    return 0
+
+
+def sample_chunk(args, models, cfg: SampleConfig, chunk: list, total: int, text: tuple,
+                 adapt_fn, log) -> list:
+    """Sample and adapt one batch of planned images, write them and their manifest lines, and
+    return their preview rows."""
+    t0 = time.time()
+    cond, uncond, prompt_text = text
+    dev, dt = torch.device(args.device), DTYPES[args.dtype]
+    gens = [torch.Generator(dev).manual_seed(image_seed(args.seed, plan["k"]) + 1)
+            for _, plan in chunk]
+    x_ok = torch.stack([to_tensor(read_image(plan["good"]), plan["mask"].shape[-1])
+                        for _, plan in chunk]).to(dev, dt)
+    mask = torch.stack([plan["mask"][None] for _, plan in chunk]).to(dev, dt)
+    hint = torch.stack([trimap(plan["mask"], plan["fg"]) for _, plan in chunk]).to(dev, dt)
+    which = f"image {chunk[0][0] + 1}" + (f"-{chunk[-1][0] + 1}" if len(chunk) > 1 else "")
+    which += f"/{total}"
+    steps, adapt_steps = cfg.stages.steps, cfg.adapt.steps
+
+    def progress(i, t, z, x0):
+        if (i + 1) % 10 == 0 or i + 1 == steps:
+            log(f"\r{which}: step {i + 1}/{steps}", end="")
+
+    def adapt_progress(step, loss):
+        if step % 20 == 0 or step == adapt_steps - 1:
+            log(f"\r{which}: adaptation {step + 1}/{adapt_steps} loss {loss:.5f}", end="")
+
+    b = len(chunk)
+    res = defect_image(models, x_ok, mask, hint, cond.expand(b, -1, -1), uncond.expand(b, -1, -1),
+                       per_image_noise(gens), cfg, adapt_fn, progress, adapt_progress)
+    before, after = res["before"], res["after"]
+    if args.paste_background:
+        after = paste_background(after, x_ok, mask)
+    seconds = (time.time() - t0) / b
+    out, folder, rows = Path(args.out), args.defect.replace(" ", "_"), []
+    for j, (n, plan) in enumerate(chunk):
+        k, losses, bg = plan["k"], res["losses"][j], 1 - mask[j:j + 1]
+        record = dict(index=k, seed=args.seed, image_seed=image_seed(args.seed, k),
+                      source=str(plan["good"]), placement=plan["info"], prompt=prompt_text,
+                      stages=vars(cfg.stages), adapt_loss_before=losses[0],
+                      adapt_loss_after=losses[-1],
+                      psnr_bg_before=psnr(before[j:j + 1], x_ok[j:j + 1], bg),
+                      psnr_bg_after=psnr(after[j:j + 1], x_ok[j:j + 1], bg),
+                      seconds=round(seconds, 2))
+        save_png(to_uint8(after[j]), out / "test" / folder / f"{k:03d}.png")
+        save_png((plan["mask"] * 255).byte().numpy(), out / "ground_truth" / folder / f"{k:03d}_mask.png")
+        with (out / "manifest.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        log(f"\rimage {n + 1}/{total}: done in {record['seconds']:.1f}s, background PSNR "
+            f"{record['psnr_bg_before']:.1f} -> {record['psnr_bg_after']:.1f} dB" + " " * 20)
+        rows.append([x_ok[j], hint[j] * 2 - 1, before[j], after[j], overlay(after[j], mask[j])])
+    return rows
+
+
+def overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The image with the mask tinted red."""
+    red = torch.tensor([1.0, -1.0, -1.0], device=image.device, dtype=image.dtype)[:, None, None]
+    return torch.where(mask > 0.5, 0.5 * image + 0.5 * red, image)
+
+
+def contact_sheet(rows: list[list[torch.Tensor]], path: Path, limit: int = 8) -> None:
+    """Rows of (3, H, W) images in [-1, 1] side by side: good | trimap | before | after | overlay."""
+    tiles = [np.concatenate([to_uint8(t) for t in row], axis=1) for row in rows[:limit]]
+    save_png(np.concatenate(tiles, axis=0), path)
