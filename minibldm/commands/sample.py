@@ -41,6 +41,7 @@ from .common import Parser, UsageError
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "tiny"
 KNOBS = SampleConfig()  # the method's knobs with their defaults, from minibldm/config.py
+PREVIEW_ROWS = 8  # images drawn in preview.png
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -302,11 +303,11 @@ def generate(args) -> int:
     pending = [(n, plan) for n, plan in enumerate(plans) if plan["k"] not in done]
     for c in range(0, len(pending), args.batch_size):
         chunk = pending[c:c + args.batch_size]
-        rows += sample_chunk(args, models, cfg, chunk, len(plans), (cond, uncond, text), adapt_fn,
-                             log)
+        rows = (rows + sample_chunk(args, models, cfg, chunk, len(plans), (cond, uncond, text),
+                                    adapt_fn, log))[:PREVIEW_ROWS]  # keep only what is drawn
     if rows:
         contact_sheet(rows, out / "preview.png")
-    log(f"wrote {len(rows)} images to {out}")
+    log(f"wrote {len(pending)} images to {out}")
     return 0
 
 
@@ -368,7 +369,7 @@ def overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask > 0.5, 0.5 * image + 0.5 * red, image)
 
 
-def contact_sheet(rows: list[list[torch.Tensor]], path: Path, limit: int = 8) -> None:
+def contact_sheet(rows: list[list[torch.Tensor]], path: Path) -> None:
     """Rows of (3, H, W) images in [-1, 1] side by side: good | trimap | before | after | overlay."""
-    tiles = [np.concatenate([to_uint8(t) for t in row], axis=1) for row in rows[:limit]]
+    tiles = [np.concatenate([to_uint8(t) for t in row], axis=1) for row in rows]
     save_png(np.concatenate(tiles, axis=0), path)

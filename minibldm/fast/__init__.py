@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch._inductor.config as inductor_config
 from torch import nn
 
 from ..autoencoder import Upsample
@@ -64,6 +63,7 @@ def compile_frozen(module: torch.nn.Module, device: torch.device) -> torch.nn.Mo
     compiled = torch.compile(module)
     if device.type != "cpu":
         return compiled
+    import torch._inductor.config as inductor_config  # 2 s to import: only when compiling
     forward = compiled.forward
 
     def frozen_forward(*args, **kwargs):
