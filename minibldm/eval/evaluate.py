@@ -24,11 +24,12 @@ overlap, or a --generated folder whose manifest.jsonl names a held-out image or 
 `placement.mask_file`; by path or by contents) or that holds a copy of one.
 
 Metrics (minibldm/eval/metrics.py), per defect type (its test images against test/good) and
-their mean: pixel AUROC, AP, F1-max and the IoU at its threshold; image AUROC and AP, the image
-score being the maximum of the anomaly map averaged over 21x21 windows; tied scores count as one
-threshold. The table goes to stdout; --out writes the JSON (metrics, split counts, settings, wall
-time) and the table beside it (.md). Progress goes to stderr; bad input is one line on stderr
-naming the argument, exit status 2, nothing written.
+their mean: pixel AUROC, AP, AUPRO (up to a false-positive rate of 0.3), F1-max and the IoU at
+its threshold; image AUROC and AP, the image score being the maximum of the anomaly map averaged
+over 21x21 windows; tied scores count as one threshold. The table goes to stdout; --out writes
+the JSON (metrics, split counts, settings, wall time, the training loss averaged over 50 spans)
+and the table beside it (.md). Progress goes to stderr; bad input is one line on stderr naming
+the argument, exit status 2, nothing written.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ from ..commands.data import Category, DecodedImages, PairDataset
 
 METHODS = ("minibldm", "minibldm+real", "crop-paste", "perlin", "real-only")
 GENERATED = ("minibldm", "minibldm+real")  # the methods that read --generated
-METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_iou", "image_auroc", "image_ap")
+METRICS = ("pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_f1_max", "pixel_iou", "image_auroc",
+           "image_ap")
 PROG = "python -m minibldm.evaluate"
 
 
@@ -131,8 +133,10 @@ def score(maps_defect: torch.Tensor, masks: torch.Tensor, maps_good: torch.Tenso
     img_scores = torch.cat([detector.image_scores(maps_defect), good_scores]).numpy()
     img_labels = np.r_[np.ones(len(maps_defect)), np.zeros(len(maps_good))]
     f1, threshold, iou = metrics.f1_max(pix_scores, pix_labels)
+    maps = torch.cat([maps_defect, maps_good]).numpy()
     return {"pixel_auroc": metrics.auroc(pix_scores, pix_labels),
             "pixel_ap": metrics.average_precision(pix_scores, pix_labels),
+            "pixel_aupro": metrics.aupro(maps, torch.cat([masks, 0 * maps_good]).numpy()),
             "pixel_f1_max": f1, "pixel_iou": iou, "f1_threshold": threshold,
             "image_auroc": metrics.auroc(img_scores, img_labels),
             "image_ap": metrics.average_precision(img_scores, img_labels),
@@ -141,7 +145,7 @@ def score(maps_defect: torch.Tensor, masks: torch.Tensor, maps_good: torch.Tenso
 
 def markdown(result: dict) -> str:
     """The metrics as a markdown table, in percent."""
-    head = ["defect", "n", "pixel AUROC", "pixel AP", "pixel F1-max", "pixel IoU",
+    head = ["defect", "n", "pixel AUROC", "pixel AP", "pixel AUPRO", "pixel F1-max", "pixel IoU",
             "image AUROC", "image AP"]
     rows = [[name, str(m["n_test"])] + [f"{100 * m[k]:.1f}" for k in METRICS]
             for name, m in result["per_type"].items()]
@@ -232,7 +236,8 @@ def evaluate(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> d
                       "short": split.get("short", {})},
             "test_good": len(category.test_good),
             "generated": {t: len(p) for t, p in generated.items()},
-            "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):]))}
+            "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
+            "loss_curve": detector.loss_curve(losses)}
 
 
 def main(argv: list[str] | None = None) -> int:

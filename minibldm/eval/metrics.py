@@ -1,4 +1,4 @@
-"""Detection and segmentation metrics, written out by hand (numpy only).
+"""Detection and segmentation metrics, written out by hand (numpy; torch only to label regions).
 
 Each takes `scores` (higher: more anomalous) and binary `labels` of any shape (flattened), and
 treats equal scores as one threshold, so tied items give the same result in any order. A set
@@ -7,6 +7,9 @@ with no positives (or, for AUROC, no negatives) raises ValueError.
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from ..masks import components
 
 
 def _flat(scores, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -59,3 +62,51 @@ def f1_max(scores, labels) -> tuple[float, float, float]:
     f1 = 2 * tp / (2 * tp + fp + fn)
     i = int(np.argmax(f1))
     return float(f1[i]), float(t[i]), float(tp[i] / (tp[i] + fp[i] + fn[i]))
+
+
+def connected_components(masks) -> tuple[np.ndarray, int]:
+    """(labels, count): the 8-connected regions of binary `masks` (N, H, W), each image's own
+    (minibldm.masks.components), numbered 1..count across the batch; 0 off the masks."""
+    m = np.asarray(masks) > 0.5
+    if m.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got shape {m.shape}")
+    labels, count = np.zeros(m.shape, dtype=np.int64), 0
+    for i in np.nonzero(m.reshape(len(m), -1).any(1))[0]:
+        lab = components(torch.from_numpy(m[i]).float()).numpy()
+        ids, inverse = np.unique(lab, return_inverse=True)  # ids[0] == -1: off the mask
+        labels[i] = np.where(lab >= 0, inverse.reshape(lab.shape) + count, 0)
+        count += len(ids) - 1
+    return labels, count
+
+
+def aupro(scores, masks, fpr_limit: float = 0.3) -> float:
+    """Area under the per-region-overlap curve up to a false-positive rate of `fpr_limit`,
+    divided by `fpr_limit` (MVTec AD's pixel metric, Bergmann et al., IJCV 2021).
+
+    scores, masks: (N, H, W). At a threshold t, PRO(t) is the mean over the masks' 8-connected
+    regions of the fraction of the region's pixels with score >= t, and FPR(t) the fraction of
+    all negative pixels with score >= t. Exactly: each positive pixel adds 1 / (regions x its
+    region's size) to PRO, so PRO is the weighted count of `counts_by_threshold`. The curve runs
+    through (0, 0) and every distinct threshold, linear in between (trapezoids), cut at
+    `fpr_limit` by linear interpolation."""
+    s, y = _flat(scores, masks)
+    labels, n = connected_components(np.asarray(masks).reshape(np.shape(scores)))
+    if n == 0:
+        raise ValueError("the masks hold no region")
+    if y.all():
+        raise ValueError("AUPRO needs negative pixels too")
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    sizes = np.bincount(labels.reshape(-1), minlength=n + 1).astype(np.float64)
+    weight = np.where(y, 1.0 / (n * sizes[labels.reshape(-1)]), 0.0)
+    order = np.argsort(-s, kind="stable")
+    s, weight, neg = s[order], weight[order], ~y[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    fpr = np.r_[0.0, np.cumsum(neg)[last] / neg.sum()]
+    pro = np.r_[0.0, np.cumsum(weight)[last]]
+    keep = np.searchsorted(fpr, fpr_limit, side="right")  # points with fpr <= limit
+    x, p = fpr[:keep], pro[:keep]
+    if keep < fpr.size and x[-1] < fpr_limit:  # the segment that crosses the limit
+        t = (fpr_limit - x[-1]) / (fpr[keep] - x[-1])
+        x, p = np.r_[x, fpr_limit], np.r_[p, p[-1] + t * (pro[keep] - p[-1])]
+    return float(np.sum(np.diff(x) * (p[1:] + p[:-1])) / 2 / fpr_limit)
