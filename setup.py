@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["minibldm", "minibldm.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "einops", "safetensors", "tokenizers", "pillow"],
-    extras_require={"test": ["pytest", "diffusers", "transformers"],
+    extras_require={"test": ["pytest", "diffusers", "transformers", "scikit-learn", "scipy"],
                     # generation-quality metrics (python -m minibldm.genquality); they need
                     # torchvision: install the release that matches your torch first
                     "eval": ["torch-fidelity>=0.3", "lpips>=0.1.4"]},

@@ -137,6 +137,19 @@ def test_generate_samples_drawn_or_exact_masks(tmp_path, monkeypatch, exact):
         assert cmd[cmd.index(used) + 1] == str(folder) and unused not in cmd
         assert ("--resize-masks" in cmd) == exact  # real masks and good images differ in size
         assert cmd[cmd.index("-n") + 1] == "3"
+        assert "--bulk" in cmd and "--batch-size" not in cmd  # the dataset-scale shortcut
+
+
+def test_full_sampler_runs_the_whole_method(tmp_path, monkeypatch):
+    """--sampler full: no --bulk, batches of 5, and its own tagged folders."""
+    calls = []
+    monkeypatch.setattr(bench, "run", lambda cmd, log: calls.append([str(c) for c in cmd]))
+    bench.generate(tmp_path / "model", tmp_path / "data", {"crack": tmp_path / "m"},
+                   tmp_path / "gen", 0, 20, "cpu", tmp_path / "log", 1.0, full=True)
+    assert "--bulk" not in calls[0] and calls[0][calls[0].index("--batch-size") + 1] == "5"
+    args = bench.parse_args(["--sampler", "full", "--n", "20"])
+    assert bench.tags(args) == ("", "_full_n20")
+    assert bench.tags(bench.parse_args(["--n", "200"])) == ("", "")  # the default count
 
 
 def test_exact_masks_tags_the_variant(tmp_path, monkeypatch):
@@ -148,14 +161,14 @@ def test_exact_masks_tags_the_variant(tmp_path, monkeypatch):
         (runs / "control" / "split.json").write_text('{"defects": {}}')
         return runs / "control"
 
-    def fake_generate(model, data, masks, out, seed, n, device, log, fg_weight, exact):
+    def fake_generate(model, data, masks, out, seed, n, device, log, fg_weight, exact, full):
         seen["generate"] = (out.name, exact)
         return []
 
     def fake_evaluate(data, split_file, generated, out, steps, seed, device, log, methods):
         seen["methods"] = list(methods)
-        return {m: {"mean": {"pixel_ap": 0.1}, "per_type": {"crack": {"pixel_ap": 0.1,
-                                                                      "image_auroc": 0.5}}}
+        return {m: {"mean": {"pixel_ap": 0.1}, "per_type": {"crack": {
+            "pixel_ap": 0.1, "pixel_aupro": 0.2, "image_auroc": 0.5}}}
                 for m in methods}
 
     def fake_run(cmd, log):  # genquality
@@ -166,8 +179,8 @@ def test_exact_masks_tags_the_variant(tmp_path, monkeypatch):
         monkeypatch.setattr(bench, name, fn)
     (tmp_path / "cat" / "train" / "good").mkdir(parents=True)
     assert bench.main(["--data", str(tmp_path / "cat"), "--work", str(tmp_path / "w"), "--quick",
-                       "--defect-weight", "8", "--exact-masks", "--init", "none"]) == 0
-    assert seen["generate"] == ("generated_dw8_exact", True)
-    assert seen["methods"][3:] == ["minibldm_dw8_exact", "minibldm+real_dw8_exact"]
-    info = json.loads((tmp_path / "w" / "quick" / "summary_dw8_exact.json").read_text())["info"]
+                       "--defect-weight", "1", "--exact-masks", "--init", "none"]) == 0
+    assert seen["generate"] == ("generated_dw1_exact", True)
+    assert seen["methods"][3:] == ["minibldm_dw1_exact", "minibldm+real_dw1_exact"]
+    info = json.loads((tmp_path / "w" / "quick" / "summary_dw1_exact.json").read_text())["info"]
     assert info["exact_masks"] is True

@@ -74,6 +74,99 @@ def test_random_ties_against_definitions():
         metrics.auroc(s, np.zeros(60))
 
 
+def maps_and_masks(seed: int, n: int = 6, size: int = 24, levels: int = 12):
+    """Anomaly maps with many ties (scores on a few levels) that lean towards the masks, and
+    masks of several blobs per image, some images all good."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, size, size))
+    for i in range(n - 2):  # the last two images are good
+        for _ in range(rng.integers(1, 4)):
+            y, x = rng.integers(0, size - 6, 2)
+            h, w = rng.integers(1, 7, 2)
+            masks[i, y:y + h, x:x + w] = 1
+    scores = np.round((rng.random(masks.shape) + 0.7 * masks) * levels) / levels
+    return scores, masks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pixel_and_image_metrics_against_scikit_learn(seed):
+    skm = pytest.importorskip("sklearn.metrics")
+    scores, masks = maps_and_masks(seed)
+    s, y = scores.reshape(-1), masks.reshape(-1)
+    assert metrics.auroc(s, y) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
+    assert metrics.average_precision(s, y) == pytest.approx(
+        skm.average_precision_score(y, s), abs=1e-12)
+    precision, recall, thresholds = skm.precision_recall_curve(y, s)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
+    best = int(np.argmax(f1[:-1]))  # the last point (P = 1, R = 0) has no threshold
+    f1_max, t, iou = metrics.f1_max(s, y)
+    assert f1_max == pytest.approx(f1[best], abs=1e-12)
+    assert t == thresholds[best]
+    pred, gt = s >= t, y > 0.5
+    assert iou == pytest.approx(skm.jaccard_score(gt, pred), abs=1e-12)
+    image_scores, image_labels = scores.reshape(len(scores), -1).max(1), masks.any((1, 2))
+    assert metrics.auroc(image_scores, image_labels) == pytest.approx(
+        skm.roc_auc_score(image_labels, image_scores), abs=1e-12)
+    assert metrics.average_precision(image_scores, image_labels) == pytest.approx(
+        skm.average_precision_score(image_labels, image_scores), abs=1e-12)
+
+
+def reference_aupro(scores, masks, fpr_limit=0.3):
+    """AUPRO the slow way: scipy labels the regions; at every distinct threshold, binarise the
+    maps and measure the false-positive rate and each region's overlap; then trapezoids from
+    (0, 0) up to the limit, the last point interpolated, divided by the limit."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    region_of = []  # one (N, H, W) boolean array per region
+    for k, m in enumerate(masks):
+        lab, n = ndimage.label(m > 0.5, structure=np.ones((3, 3)))
+        for r in range(1, n + 1):
+            region = np.zeros(masks.shape, dtype=bool)
+            region[k] = lab == r
+            region_of.append(region)
+    negative = masks < 0.5
+    points = [(0.0, 0.0)]
+    for t in sorted(set(scores.reshape(-1)), reverse=True):
+        pred = scores >= t
+        fpr = (pred & negative).sum() / negative.sum()
+        pro = np.mean([pred[r].mean() for r in region_of])
+        points.append((fpr, pro))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 >= fpr_limit:
+            break
+        if x1 > fpr_limit:  # cut the segment at the limit
+            y1 = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+            x1 = fpr_limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / fpr_limit
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("limit", [0.3, 0.05, 1.0])
+def test_aupro_against_a_reference(seed, limit):
+    scores, masks = maps_and_masks(seed)
+    assert metrics.aupro(scores, masks, limit) == pytest.approx(
+        reference_aupro(scores, masks, limit), abs=1e-12)
+
+
+def test_aupro_by_hand():
+    # Two regions of 1 and 3 pixels, 4 negatives. A perfect map covers both regions before any
+    # negative: PRO is 1 from FPR 0 on, so AUPRO = 1 at any limit.
+    masks = np.array([[[1, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]]], dtype=float)
+    perfect = masks * 0.9 + 0.1
+    assert metrics.aupro(perfect, masks) == pytest.approx(1.0)
+    # Each region counts alike whatever its size: the small region found alone gives PRO 1/2.
+    # Scores: the 1-pixel region 1.0, everything else 0.5 (one tie group: FPR 1, PRO 1).
+    # Curve (0, 0) -> (0, 1/2) -> (1, 1): up to 0.3 the area is 0.3 * (1/2 + (1/2 + 0.15)) / 2.
+    one = np.where(np.arange(12).reshape(1, 3, 4) == 0, 1.0, 0.5)
+    assert metrics.aupro(one, masks) == pytest.approx((0.5 + 0.65) / 2)
+    # Whole regions are 8-connected: the diagonal neighbours make one region of 3 pixels.
+    _, n = metrics.connected_components(np.array([[[1, 0], [0, 1]], [[0, 0], [0, 1]]]))
+    assert n == 2
+    with pytest.raises(ValueError):
+        metrics.aupro(perfect, 0 * masks)
+
+
 # ---- baselines: the mask covers every changed pixel -----------------------------------------
 
 @pytest.fixture(scope="module")

@@ -224,7 +224,7 @@ def test_bfloat16_runs(tmp_path, inputs):
 
 
 def test_texture_is_read_from_the_category_meta(tmp_path):
-    from minibldm.commands.sample import UsageError, marked_texture
+    from minibldm.commands.sampleplan import UsageError, marked_texture
     good = tmp_path / "fabric" / "train" / "good"
     good.mkdir(parents=True)
     assert not marked_texture(good)
@@ -291,3 +291,43 @@ def test_latent_mask_cover_keeps_a_thin_exact_mask(tmp_path, inputs):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         "minibldm.sample: error: argument --latent-mask: invalid choice: 'area'"), lines
+
+
+def test_bulk_is_no_adaptation_plus_paste_in_batches(tmp_path, inputs):
+    """--bulk gives the bytes of --adapt-steps 0 --paste-background --batch-size 16, reports its
+    rate and time left, and refuses another adaptation length."""
+    root, weights = inputs
+    base = ["--weights", weights, "--images", root / "good", "--defect-masks", root / "masks",
+            "--object", "tile", "--defect", "crack", "-n", "3", "--steps", "4",
+            "--latent-start", "1", "--latent-stop", "3", "--image-start", "3", "--size", "64"]
+
+    def call(out, *extra):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main([str(a) for a in base + ["--out", tmp_path / out, *extra]])
+        return code, err.getvalue()
+    code, err = call("bulk", "--bulk")
+    assert code == 0, err
+    assert "3/3 images" in err and "images/min" in err and "left" in err
+    code, err = call("ref", "--adapt-steps", "0", "--paste-background", "--batch-size", "16")
+    assert code == 0, err
+    assert files(tmp_path / "bulk") == files(tmp_path / "ref")
+    settings = json.loads((tmp_path / "bulk" / "run.json").read_text())
+    assert settings["adapt_steps"] == 0 and settings["paste_background"] is True
+    code, err = call("bad", "--bulk", "--adapt-steps", "50")
+    assert code == 2 and "--bulk" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_manifest_records_the_change_inside_the_mask(tmp_path, inputs):
+    """change_in_mask is genquality's measure, recomputed here from the written files."""
+    assert run(inputs, tmp_path / "out", n="2").returncode == 0
+    for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        k = record["index"]
+        img = np.asarray(Image.open(tmp_path / "out" / f"test/crack/{k:03d}.png"), np.float64)
+        good = np.asarray(Image.open(record["source"]).convert("RGB").resize((64, 64),
+                                                                              Image.BILINEAR))
+        mask = np.asarray(Image.open(tmp_path / "out" / f"ground_truth/crack/{k:03d}_mask.png")) > 127
+        assert record["change_in_mask"] == pytest.approx(np.abs(img[mask] - good[mask]).mean(),
+                                                         abs=2e-3)

@@ -3,28 +3,35 @@
 parts, against the baselines a user would otherwise pick?
 
     python tools/benchmark_downstream.py [--quick] [--data DIR] [--work DIR] [--seeds 0 1 2]
-        [--init weights/tiny|none] [--defect-weight W] [--fg-weight W] [--exact-masks]
+        [--init weights/tiny|none] [--sampler bulk|full] [--n N] [--defect-weight W]
+        [--fg-weight W] [--exact-masks]
 
 For each seed, on one real category (default ../shared/data/magnetic_tile, a surface):
   1. the generator: the pretrained tiny model (weights/tiny, trained on minibldm's synthetic
      dataset) fine-tuned on this category with minibldm's own commands, as AdaBLDM fine-tunes
      SD 1.5: autoencoder on the good images, text encoder + UNet, then the trimap branch on the
      k = 10 real defects per type of the seed's few-shot split (written by
-     `python -m minibldm.train` as split.json; the rest is the test set). --init none trains it
-     from scratch with the tiny config instead (many more steps are then needed);
-  2. `python -m minibldm.sample` with that generator: --n images per defect type, masks drawn
-     from the split's training masks only (the full default method: 50 DDIM steps, 200
-     adaptation steps);
+     `python -m minibldm.train` as split.json; the rest is the test set), every stage with the
+     loss weighted 8x on the defect (train --defect-weight 8, the recipe that keeps small
+     defects; weights/tiny/README.md). --init none trains it from scratch with the tiny config
+     instead (many more steps are then needed);
+  2. `python -m minibldm.sample` with that generator: 200 images per defect type (--n), masks
+     drawn from the split's training masks only, with `sample --bulk` (50 DDIM steps, no decoder
+     adaptation, the good image pasted outside a feathered mask: 1,000 images in about 20 min on
+     2 cores); --sampler full runs the paper's whole method instead (200 adaptation steps per
+     image, about 15x slower), to measure what the shortcut changes;
   3. `python -m minibldm.evaluate` for every method (real-only, crop-paste, perlin, minibldm,
      and minibldm+real: the generated and the real training defects together) with the run's
-     split.json, so every detector sees the same real training images;
+     split.json, so every detector sees the same real training images, each detector trained for
+     the length tools/detector_lengths.py chose (DETECTOR_STEPS);
   4. `python -m minibldm.genquality` on the generated images.
 Then the mean ± std over seeds goes to WORK/MODE/summary.json and summary.md (the table for
 docs/RESULTS.md): the spread covers the split, the generator's training, generation and the
-detector. Three variants sit beside the default, with tagged folders, result and summary
-files, reusing the seeds' baseline detectors (and generators) that exist: --defect-weight W
-fine-tunes every stage with train's --defect-weight W (the defect's pixels weigh W in the
-losses; generator_dwW); --fg-weight W samples with the sampler's --fg-weight W instead of its
+detector. Variants sit beside the default, with tagged folders, result and summary files,
+reusing the seeds' baseline detectors (and generators) that exist: --sampler full (_full) and
+--n N (_nN) change how and how many images are generated; --defect-weight W
+fine-tunes every stage with train's --defect-weight W instead of 8 (the defect's pixels weigh W
+in the losses; generator_dwW); --fg-weight W samples with the sampler's --fg-weight W instead of its
 default 1 (generated_fgW); and --exact-masks samples on the split's training masks as they are
 (sample --exact-masks: each real mask's own shape and place, such as a break on the tile's
 edge) instead of masks drawn from them with a random rotation, scale and place
@@ -50,10 +57,15 @@ from minibldm.eval.evaluate import GENERATED  # the methods that read the genera
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("real-only", "crop-paste", "perlin", "minibldm", "minibldm+real")  # table order
+# The detector's training length, chosen by tools/detector_lengths.py's rule from the training
+# losses of real-only and crop-paste on seed 0 (docs/RESULTS.md), never from test metrics.
+DETECTOR_STEPS = 2000
 # steps of each stage: autoencoder, text + UNet, trimap branch; detector steps; images per type.
 # Full mode fine-tunes the pretrained tiny model (--init), as AdaBLDM fine-tunes SD 1.5.
-STEPS = {"full": dict(ae=300, text=1200, control=1200, detector=400, n=10),
+STEPS = {"full": dict(ae=300, text=1200, control=1200, detector=DETECTOR_STEPS, n=200),
          "quick": dict(ae=100, text=100, control=100, detector=100, n=2)}
+DEFECT_WEIGHT = 8.0  # every training stage's --defect-weight by default
+TIMES: list[tuple[str, float]] = []  # (command, seconds) of every command this call ran
 
 
 def run(cmd: list, log: Path) -> None:
@@ -67,6 +79,7 @@ def run(cmd: list, log: Path) -> None:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
     if rc:
         sys.exit(f"benchmark_downstream: the command above failed (exit {rc}); see {log}")
+    TIMES.append((" ".join(cmd[1:]), round(time.time() - start, 1)))
     print(f"  done in {time.time() - start:.0f} s", flush=True)
 
 
@@ -111,9 +124,10 @@ def training_masks(data: Path, split: dict, out: Path) -> dict[str, Path]:
 
 
 def generate(model: Path, data: Path, masks: dict, out: Path, seed: int, n: int, device: str,
-             log: Path, fg_weight: float, exact: bool = False) -> list[Path]:
+             log: Path, fg_weight: float, exact: bool = False, full: bool = False) -> list[Path]:
     """n images per defect type, on masks drawn from the type's folder (exact: its masks as
-    they are, the first n, each stretched to its good image's size)."""
+    they are, the first n, each stretched to its good image's size), with `sample --bulk`
+    (full: the whole method, in batches of 5)."""
     outs = []
     for name, folder in masks.items():
         target = out / name
@@ -122,8 +136,9 @@ def generate(model: Path, data: Path, masks: dict, out: Path, seed: int, n: int,
              # the real masks come from defect images of other sizes than the good ones
              *(["--exact-masks", folder, "--resize-masks"] if exact else ["--defect-masks", folder]),
              "--texture",
-             "--object", "magnetic tile", "--defect", name, "-n", n, "--batch-size", min(n, 5),
-             "--out", target, "--seed", seed, "--device", device, "--fg-weight", fg_weight, "--quiet"], log)
+             "--object", "magnetic tile", "--defect", name, "-n", n,
+             "--out", target, "--seed", seed, "--device", device, "--fg-weight", fg_weight,
+             *(["--batch-size", min(n, 5)] if full else ["--bulk"])], log)
         outs.append(target)
     return outs
 
@@ -194,9 +209,16 @@ def parse_args(argv) -> argparse.Namespace:
                    "pretrained tiny model); 'none' trains it from scratch")
     p.add_argument("--quick", action="store_true", help="one seed, few steps: checks the chain")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--defect-weight", type=float, default=1.0, metavar="W",
-                   help="every training stage's --defect-weight (default 1: the plain losses). "
-                   "Another value trains its own generator_dwW per seed and tags what follows")
+    p.add_argument("--sampler", choices=("bulk", "full"), default="bulk",
+                   help="bulk (default): sample --bulk, no decoder adaptation; full: the paper's "
+                   "whole method (about 15x slower); tagged _full")
+    p.add_argument("--detector-steps", type=int, metavar="N", help="detector training steps "
+                   f"(default {DETECTOR_STEPS}, --quick 100); results go to eval_Nsteps")
+    p.add_argument("--n", type=int, metavar="N", help="images per defect type (default 200, "
+                   "--quick 2); another number is tagged _nN")
+    p.add_argument("--defect-weight", type=float, default=DEFECT_WEIGHT, metavar="W",
+                   help="every training stage's --defect-weight (default %(default)g). Another "
+                   "value trains its own generator_dwW per seed and tags what follows")
     p.add_argument("--fg-weight", type=float, default=1.0, metavar="W",
                    help="the sampler's --fg-weight (default 1, its default). Another value gets "
                    "its own generated_fgW folders, result files and summary_fgW files beside the "
@@ -217,14 +239,19 @@ def bad_args(args) -> str | None:
     for name, value in (("--defect-weight", args.defect_weight), ("--fg-weight", args.fg_weight)):
         if not (value > 0 and math.isfinite(value)):
             return f"{name} {value}: must be positive"
+    for name, value in (("--n", args.n), ("--detector-steps", args.detector_steps)):
+        if value is not None and value < 1:
+            return f"{name} {value}: must be at least 1"
     return None
 
 
 def tags(args) -> tuple[str, str]:
     """(the generator's tag, the variant's tag): what a non-default option adds to file names."""
-    dw_tag = "" if args.defect_weight == 1.0 else f"_dw{args.defect_weight:g}"
+    dw_tag = "" if args.defect_weight == DEFECT_WEIGHT else f"_dw{args.defect_weight:g}"
+    n_default = STEPS["quick" if args.quick else "full"]["n"]
     tag = (dw_tag + ("" if args.fg_weight == 1.0 else f"_fg{args.fg_weight:g}")
-           + ("_exact" if args.exact_masks else ""))
+           + ("_exact" if args.exact_masks else "") + ("_full" if args.sampler == "full" else "")
+           + ("" if args.n in (None, n_default) else f"_n{args.n}"))
     return dw_tag, tag
 
 
@@ -241,11 +268,13 @@ def run_seed(args, seed: int, work: Path, s: dict, log: Path) -> tuple[dict, dic
                         args.defect_weight)
     split_file = model / "split.json"
     masks = training_masks(data, json.loads(split_file.read_text()), sw / "train_masks")
-    print(f"== seed {seed}: generating {s['n']} images per defect type", flush=True)
-    generated = generate(model, data, masks, sw / f"generated{tag}", seed, s["n"], args.device,
-                         log, args.fg_weight, args.exact_masks)
+    print(f"== seed {seed}: generating {args.n or s['n']} images per defect type", flush=True)
+    generated = generate(model, data, masks, sw / f"generated{tag}", seed, args.n or s["n"],
+                         args.device, log, args.fg_weight, args.exact_masks,
+                         args.sampler == "full")
     print(f"== seed {seed}: evaluating {', '.join(methods)}", flush=True)
-    results = evaluate(data, split_file, generated, sw / "eval", s["detector"], seed,
+    steps = args.detector_steps or s["detector"]
+    results = evaluate(data, split_file, generated, sw / f"eval_{steps}steps", steps, seed,
                        args.device, log, methods)
     gq = sw / f"genquality{tag}.json"
     if not gq.is_file():
@@ -265,12 +294,15 @@ def write_summary(args, work: Path, info: dict, per_seed: dict, quality: dict) -
         indent=1) + "\n")
     (work / f"summary{tag}.md").write_text(
         f"Downstream detection on {Path(args.data).name}, {info['mode']} mode, seeds "
-        f"{info['seeds']}, training --defect-weight {args.defect_weight:g}, sampler --fg-weight "
-        f"{args.fg_weight:g}{', on the training masks as they are' if args.exact_masks else ''} "
+        f"{info['seeds']}, training --defect-weight {args.defect_weight:g}, {info['n']} images "
+        f"per type from the {args.sampler} sampler (--fg-weight {args.fg_weight:g})"
+        f"{', on the training masks as they are' if args.exact_masks else ''}, detectors "
+        f"trained {info['detector_steps']} steps "
         "(a generator, a split and a detector per seed), mean ± std over seeds of the mean over "
         "defect types.\n\n" + table
         + "".join(f"\nPer defect type, {m.replace('_', ' ')}:\n\n"
-                  + per_type_table(per_seed, m, methods) for m in ("pixel_ap", "image_auroc")))
+                  + per_type_table(per_seed, m, methods)
+                  for m in ("pixel_ap", "pixel_aupro", "image_auroc")))
     return table
 
 
@@ -292,11 +324,14 @@ def main(argv=None) -> int:
         walls[seed] = time.time() - t0
     info = {"mode": mode, "seeds": seeds, "defect_weight": args.defect_weight,
             "fg_weight": args.fg_weight, "exact_masks": args.exact_masks,
+            "sampler": args.sampler, "n": args.n or s["n"],
+            "detector_steps": args.detector_steps or s["detector"],
             "init": None if args.init == "none" else str(Path(args.init)), "steps": s,
             "data": str(Path(args.data).resolve()),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "wall_s": round(time.time() - start), "wall_s_this_call": walls}
+            "wall_s": round(time.time() - start), "wall_s_this_call": walls,
+            "commands_this_call": TIMES}
     table = write_summary(args, work, info, per_seed, quality)
     _, tag = tags(args)
     print(table + f"\nwrote {work / f'summary{tag}.json'} and {work / f'summary{tag}.md'} "

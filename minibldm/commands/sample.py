@@ -7,7 +7,8 @@ anomaly-detection tools read it directly:
 
     OUT/test/<defect>/000.png  OUT/ground_truth/<defect>/000_mask.png (0/255)
     OUT/manifest.jsonl         one JSON line per image (seed, source, placement, prompt, stages,
-                               adaptation loss before/after, background PSNR against x_OK)
+                               adaptation loss before/after, background PSNR against x_OK,
+                               change_in_mask: mean |image - x_OK| inside M*, levels of 255)
     OUT/preview.png            good | trimap | before adaptation | after | mask overlay
     OUT/run.json               the settings; a rerun with the same OUT resumes, a different one is refused
 
@@ -29,92 +30,19 @@ from safetensors import safe_open
 
 from .. import adapt, fast
 from ..config import LATENT_MASKS, AdaptConfig, SampleConfig, Stages
-from ..foreground import foreground_for
-from ..images import (IMAGE_SUFFIXES, DataError, mask_to_tensor, read_image, read_mask, save_png,
-                      to_tensor, to_uint8)
+from ..images import DataError, read_image, save_png, to_tensor, to_uint8
 from ..io import WeightsError
-from ..masks import PlacementError, sample_defect_mask, trimap
+from ..masks import trimap
 from ..pipeline import (defect_image, encode_prompt, image_seed, paste_background, per_image_noise,
                         prompt, psnr)
 from ..weights import load, read_config
 from .common import Parser, UsageError
+from .sampleplan import plan_images
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "tiny"
 KNOBS = SampleConfig()  # the method's knobs with their defaults, from minibldm/config.py
 PREVIEW_ROWS = 8  # images drawn in preview.png
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def image_files(folder: Path, what: str) -> list[Path]:
-    if not folder.is_dir():
-        raise UsageError(f"{what} {folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UsageError(f"{what} {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
-
-# --- planning: everything that reads input happens before anything is written ---------------
-
-def marked_texture(images: Path) -> bool:
-    """Whether the category holding `images` marks itself a texture in its meta.json (as
-    minibldm.synth writes; looked for in the folder and the two above it, MVTec's train/good)."""
-    for folder in (images, images.parent, images.parent.parent):
-        if (folder / "meta.json").is_file():
-            try:
-                return bool(json.loads((folder / "meta.json").read_text()).get("texture", False))
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                raise UsageError(f"{folder / 'meta.json'}: not a JSON object") from None
-    return False
-
-
-def read_masks(folder: Path, size: int, flag: str) -> tuple[list[torch.Tensor], list[Path], bool]:
-    """The masks of `flag`'s folder at model resolution, their files, whether all were binary."""
-    files = image_files(folder, flag)
-    read = [(mask_to_tensor(m, size), binary) for m, binary in map(read_mask, files)]
-    return [m for m, _ in read], files, all(binary for _, binary in read)
-
-
-def plan_images(args, size: int) -> tuple[list[dict], bool]:
-    """One entry per output image (source path, defect mask (size x size), foreground, info), and
-    whether all masks were binary."""
-    goods = image_files(Path(args.images), "--images")
-    fg_dir = Path(args.foreground) if args.foreground else None
-    texture = args.texture or (fg_dir is None and marked_texture(Path(args.images)))
-    if args.exact_masks:
-        masks, files, binary = read_masks(Path(args.exact_masks), size, "--exact-masks")
-        jobs = [(k, f, m) for k, (f, m) in enumerate(zip(files, masks))][args.first:args.first + args.n]
-    else:
-        few, files, binary = read_masks(Path(args.defect_masks), size, "--defect-masks")
-        jobs = [(k, None, None) for k in range(args.first, args.first + args.n)]
-    plans, fg_cache = [], {}
-    for k, mask_file, exact in jobs:
-        g = torch.Generator().manual_seed(image_seed(args.seed, k))
-        if args.good:
-            good = Path(args.good)
-        elif exact is not None and (Path(args.images) / mask_file.name).is_file():
-            good = Path(args.images) / mask_file.name  # a good image named like the mask
-        else:
-            good = goods[int(torch.randint(len(goods), (1,), generator=g))]
-        image = read_image(good)
-        if good not in fg_cache:
-            fg = foreground_for(good, image, fg_dir=fg_dir, texture=texture)
-            fg_cache[good] = mask_to_tensor(fg, size)
-        fg = fg_cache[good]
-        if exact is not None:
-            mask_size = read_mask(mask_file)[0].shape
-            if mask_size != image.shape[:2] and not args.resize_masks:
-                raise UsageError(f"{mask_file}: mask is {mask_size[1]}x{mask_size[0]} but its image "
-                                 f"{good} is {image.shape[1]}x{image.shape[0]} (--resize-masks to resize)")
-            mask, info = exact, {"mask_file": str(mask_file)}
-        else:
-            try:
-                mask, info = sample_defect_mask(few, fg, g, translate_only=args.translate_only)
-            except PlacementError as e:
-                raise UsageError(f"{good}: no placement of a defect mask inside the foreground ({e})")
-            info["mask_file"] = str(files[info["source"]])
-        plans.append(dict(k=k, good=good, mask=mask, fg=fg, info=info))
-    return plans, binary
 
 
 def parse_args(argv):
@@ -136,7 +64,30 @@ def parse_args(argv):
     io.add_argument("--first", type=int, default=0, help="index of the first image (to shard a job)")
     io.add_argument("--out", help="output folder (MVTec AD layout)")
     io.add_argument("--seed", type=int, default=0)
-    S, A, add = KNOBS.stages, KNOBS.adapt, p.add_argument_group("method").add_argument
+    add_method_args(p.add_argument_group("method").add_argument)
+    run = p.add_argument_group("how it runs").add_argument
+    run("--bulk", action="store_true", help="dataset scale, not the paper's Algorithm 2: no "
+        "decoder adaptation, x_OK pasted outside a feathered mask (--adapt-steps 0 "
+        "--paste-background), --batch-size 16 unless given; about 15x faster on a CPU "
+        "(docs/RESULTS.md measures what it changes)")
+    run("--batch-size", type=int, metavar="B", help="images sampled and adapted together, one "
+        "decoder copy each (default 1, with --bulk 16); the same images as one at a time up to "
+        "float rounding")
+    run("--compile", action="store_true", help="torch.compile the UNet, the trimap branch (on a "
+        "CPU frozen into the graph: a second copy of their weights, +4.7 GiB for SD 1.5 float32) "
+        "and decoder adaptation (at --batch-size 1); the first image compiles, minutes on a CPU")
+    run("--device", default="cpu", help="cpu or cuda")
+    run("--dtype", default="float32", choices=sorted(DTYPES), help="the networks' dtype; the "
+        "decoder adaptation trains a float32 copy under autocast to it (default float32)")
+    run("--reference", action="store_true", help="run the pure reference path (minibldm/adapt.py's "
+        "loop, no CPU routes); the same images up to float rounding, slower")
+    run("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def add_method_args(add) -> None:
+    """The knobs of Algorithms 1 and 2, their defaults read from config.SampleConfig."""
+    S, A = KNOBS.stages, KNOBS.adapt
     add("--size", type=int, help="image size the model works at (default: the weights' or 256)")
     add("--steps", type=int, default=S.steps, help="DDIM steps N (reference: %(default)s)")
     add("--latent-start", type=int, default=S.latent_start,
@@ -164,19 +115,6 @@ def parse_args(argv):
         help="weight of the defect-region term (reference code: %(default)s; the paper's "
              "lambda_con). 100 stops the adaptation from erasing small or thin defects")
     add("--paste-background", action="store_true", help="copy x_OK as is outside a feathered mask")
-    add("--batch-size", type=int, default=1, metavar="B", help="images sampled and adapted "
-        "together, one decoder copy each (default 1); the same images as one at a time up to "
-        "float rounding")
-    add("--compile", action="store_true", help="torch.compile the UNet, the trimap branch (on a "
-        "CPU frozen into the graph: a second copy of their weights, +4.7 GiB for SD 1.5 float32) "
-        "and decoder adaptation (at --batch-size 1); the first image compiles, minutes on a CPU")
-    add("--device", default="cpu", help="cpu or cuda")
-    add("--dtype", default="float32", choices=sorted(DTYPES), help="the networks' dtype; the "
-        "decoder adaptation trains a float32 copy under autocast to it (default float32)")
-    add("--reference", action="store_true", help="run the pure reference path (minibldm/adapt.py's "
-        "loop, no CPU routes); the same images up to float rounding, slower")
-    add("--quiet", action="store_true")
-    return p.parse_args(argv)
 
 
 def check_args(args) -> SampleConfig:
@@ -184,6 +122,12 @@ def check_args(args) -> SampleConfig:
         raise UsageError("-n is required (the number of images)")
     if args.n is None:
         args.n = 10 ** 9  # every exact mask
+    if args.bulk:
+        if args.adapt_steps not in (0, KNOBS.adapt.steps):
+            raise UsageError(f"--bulk skips the decoder adaptation: not with --adapt-steps {args.adapt_steps}")
+        args.adapt_steps, args.paste_background = 0, True
+    if args.batch_size is None:
+        args.batch_size = 16 if args.bulk else 1
     for flag, value in (("-n", args.n), ("--batch-size", args.batch_size)):
         if value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
@@ -299,16 +243,25 @@ def generate(args) -> int:
     models.text_encoder = None  # one prompt per run: its weights (0.5 GB at SD size) are freed here
     adapt_fn = adapt.adapt_decoder if args.reference else functools.partial(
         fast.adapt_decoder, blocks=args.adapt_blocks, compile=args.compile)
-    rows = []
+    rows, start = [], time.time()
     pending = [(n, plan) for n, plan in enumerate(plans) if plan["k"] not in done]
     for c in range(0, len(pending), args.batch_size):
         chunk = pending[c:c + args.batch_size]
         rows = (rows + sample_chunk(args, models, cfg, chunk, len(plans), (cond, uncond, text),
                                     adapt_fn, log))[:PREVIEW_ROWS]  # keep only what is drawn
+        log(progress_line(c + len(chunk), len(pending), time.time() - start))
     if rows:
         contact_sheet(rows, out / "preview.png")
     log(f"wrote {len(pending)} images to {out}")
     return 0
+
+
+def progress_line(done: int, total: int, seconds: float) -> str:
+    """"120/1000 images, 48.0 images/min, about 18 min left" (this run's rate so far)."""
+    rate = done / max(seconds, 1e-9) * 60
+    left = (total - done) / rate * 60 if rate > 0 else float("inf")
+    when = f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+    return f"{done}/{total} images, {rate:.1f} images/min, about {when} left"
 
 
 def sample_chunk(args, models, cfg: SampleConfig, chunk: list, total: int, text: tuple,
@@ -346,14 +299,17 @@ def sample_chunk(args, models, cfg: SampleConfig, chunk: list, total: int, text:
     out, folder, rows = Path(args.out), args.defect.replace(" ", "_"), []
     for j, (n, plan) in enumerate(chunk):
         k, losses, bg = plan["k"], res["losses"][j], 1 - mask[j:j + 1]
+        image, region = to_uint8(after[j]), plan["mask"].numpy() > 0.5
         record = dict(index=k, seed=args.seed, image_seed=image_seed(args.seed, k),
                       source=str(plan["good"]), placement=plan["info"], prompt=prompt_text,
                       stages=vars(cfg.stages), adapt_loss_before=losses[0],
                       adapt_loss_after=losses[-1],
                       psnr_bg_before=psnr(before[j:j + 1], x_ok[j:j + 1], bg),
                       psnr_bg_after=psnr(after[j:j + 1], x_ok[j:j + 1], bg),
+                      change_in_mask=round(float(np.abs(image[region].astype(np.float64)
+                                                        - to_uint8(x_ok[j])[region]).mean()), 3),
                       seconds=round(seconds, 2))
-        save_png(to_uint8(after[j]), out / "test" / folder / f"{k:03d}.png")
+        save_png(image, out / "test" / folder / f"{k:03d}.png")
         save_png((plan["mask"] * 255).byte().numpy(), out / "ground_truth" / folder / f"{k:03d}_mask.png")
         with (out / "manifest.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
