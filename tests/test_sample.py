@@ -331,3 +331,26 @@ def test_manifest_records_the_change_inside_the_mask(tmp_path, inputs):
         mask = np.asarray(Image.open(tmp_path / "out" / f"ground_truth/crack/{k:03d}_mask.png")) > 127
         assert record["change_in_mask"] == pytest.approx(np.abs(img[mask] - good[mask]).mean(),
                                                          abs=2e-3)
+
+
+def test_min_change_redraws_then_drops_and_resume_skips_the_dropped(tmp_path, inputs):
+    """An impossible --min-change: every image is drawn 1 + R times with new noise, then
+    dropped (nothing written but dropped.jsonl); a rerun does not draw them again. A threshold
+    of 0 keeps the first draw: the bytes of a run without the option."""
+    r = run(inputs, tmp_path / "out", "--min-change", "255", "--redraws", "1", n="2")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert not list(out.rglob("*.png")) or [p.name for p in out.rglob("*.png")] == ["preview.png"]
+    dropped = [json.loads(x) for x in (out / "dropped.jsonl").read_text().splitlines()]
+    assert sorted((d["index"], d["attempt"]) for d in dropped) == [(0, 1), (1, 1)]
+    assert all(d["change_in_mask"] < 255 for d in dropped)
+    again = run(inputs, out, "--min-change", "255", "--redraws", "1", n="2")
+    assert again.returncode == 0 and len((out / "dropped.jsonl").read_text().splitlines()) == 2
+    assert run(inputs, tmp_path / "zero", "--min-change", "0", n="2").returncode == 0
+    assert run(inputs, tmp_path / "plain", n="2").returncode == 0
+    assert files(tmp_path / "zero") == files(tmp_path / "plain")
+    first = {json.loads(x)["index"]: json.loads(x)["change_in_mask"]
+             for x in (tmp_path / "plain" / "manifest.jsonl").read_text().splitlines()}
+    assert all(d["change_in_mask"] != first[d["index"]] for d in dropped)  # new noise, new image
+    bad = run(inputs, tmp_path / "bad", "--min-change", "-1", n="1")
+    assert bad.returncode == 2 and "--min-change" in bad.stderr

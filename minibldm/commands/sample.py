@@ -10,6 +10,7 @@ anomaly-detection tools read it directly:
                                adaptation loss before/after, background PSNR against x_OK,
                                change_in_mask: mean |image - x_OK| inside M*, levels of 255)
     OUT/preview.png            good | trimap | before adaptation | after | mask overlay
+    OUT/dropped.jsonl          with --min-change: the images dropped (no defect appeared)
     OUT/run.json               the settings; a rerun with the same OUT resumes, a different one is refused
 
 Image k depends only on (seed, k), so `--first K -n N` shards a job across processes and a
@@ -115,6 +116,11 @@ def add_method_args(add) -> None:
         help="weight of the defect-region term (reference code: %(default)s; the paper's "
              "lambda_con). 100 stops the adaptation from erasing small or thin defects")
     add("--paste-background", action="store_true", help="copy x_OK as is outside a feathered mask")
+    add("--min-change", type=float, default=0.0, metavar="T", help="labels that tell the truth: "
+        "redraw (new noise, same x_OK and mask) an image whose mean change inside its mask is "
+        "under T levels of 255, up to --redraws times, then drop it (listed in dropped.jsonl); "
+        "default 0: keep every image")
+    add("--redraws", type=int, default=3, metavar="R", help="redraws per image under --min-change (3)")
 
 
 def check_args(args) -> SampleConfig:
@@ -136,6 +142,9 @@ def check_args(args) -> SampleConfig:
             raise UsageError(f"--{name} is required")
     if not args.defect_masks and not args.exact_masks:
         raise UsageError("--defect-masks (few-shot masks to sample from) or --exact-masks is required")
+    if not 0 <= args.min_change <= 255 or args.redraws < 0:
+        raise UsageError(f"--min-change must be in 0..255 and --redraws >= 0 (got "
+                         f"{args.min_change:g}, {args.redraws})")
     if args.adapt_blocks is not None and args.adapt_blocks < 0:
         raise UsageError(f"--adapt-blocks must be >= 0, got {args.adapt_blocks}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -174,7 +183,7 @@ def run_settings(args, stages: Stages, size: int) -> dict:
     keys = ("weights", "control", "images", "defect_masks", "exact_masks", "good", "foreground",
             "texture", "object", "defect", "seed", "guidance", "eta", "translate_only",
             "adapt_steps", "adapt_lr", "adapt_blocks", "bg_weight", "fg_weight", "paste_background",
-            "dtype", "latent_mask")
+            "dtype", "latent_mask", "min_change", "redraws")
     return {**{k: getattr(args, k) for k in keys}, "size": size, "stages": vars(stages)}
 
 
@@ -213,8 +222,8 @@ def prepare_out(args, settings: dict) -> set[int]:
         if differ:
             raise UsageError(f"--out {out}: holds a run with other settings ({', '.join(differ)}); "
                              "use another folder")
-    manifest = out / "manifest.jsonl"
-    lines = manifest.read_text().splitlines() if manifest.is_file() else []
+    lines = [line for name in ("manifest.jsonl", "dropped.jsonl") if (out / name).is_file()
+             for line in (out / name).read_text().splitlines()]
     return {json.loads(line)["index"] for line in lines if line.strip()}
 
 
@@ -243,16 +252,17 @@ def generate(args) -> int:
     models.text_encoder = None  # one prompt per run: its weights (0.5 GB at SD size) are freed here
     adapt_fn = adapt.adapt_decoder if args.reference else functools.partial(
         fast.adapt_decoder, blocks=args.adapt_blocks, compile=args.compile)
-    rows, start = [], time.time()
+    rows, start, written = [], time.time(), 0
     pending = [(n, plan) for n, plan in enumerate(plans) if plan["k"] not in done]
     for c in range(0, len(pending), args.batch_size):
         chunk = pending[c:c + args.batch_size]
-        rows = (rows + sample_chunk(args, models, cfg, chunk, len(plans), (cond, uncond, text),
-                                    adapt_fn, log))[:PREVIEW_ROWS]  # keep only what is drawn
+        new = sample_chunk(args, models, cfg, chunk, len(plans), (cond, uncond, text), adapt_fn, log)
+        written, rows = written + len(new), (rows + new)[:PREVIEW_ROWS]  # keep what is drawn
         log(progress_line(c + len(chunk), len(pending), time.time() - start))
     if rows:
         contact_sheet(rows, out / "preview.png")
-    log(f"wrote {len(pending)} images to {out}")
+    dropped = len(pending) - written
+    log(f"wrote {written} images to {out}" + (f"; dropped {dropped} (dropped.jsonl)" if dropped else ""))
     return 0
 
 
@@ -264,19 +274,20 @@ def progress_line(done: int, total: int, seconds: float) -> str:
     return f"{done}/{total} images, {rate:.1f} images/min, about {when} left"
 
 
-def sample_chunk(args, models, cfg: SampleConfig, chunk: list, total: int, text: tuple,
-                 adapt_fn, log) -> list:
-    """Sample and adapt one batch of planned images, write them and their manifest lines, and
-    return their preview rows."""
+def draw_chunk(args, models, cfg: SampleConfig, chunk: list, total: int, text: tuple,
+               adapt_fn, log) -> list[dict]:
+    """Sample and adapt one batch of planned images: chunk holds (n, plan, attempt), attempt 0
+    the first draw of output k and a > 0 its a-th redraw (the same x_OK and M*, new noise).
+    Returns per image its tensors, its manifest record and its preview row."""
     t0 = time.time()
     cond, uncond, prompt_text = text
     dev, dt = torch.device(args.device), DTYPES[args.dtype]
-    gens = [torch.Generator(dev).manual_seed(image_seed(args.seed, plan["k"]) + 1)
-            for _, plan in chunk]
+    gens = [torch.Generator(dev).manual_seed(image_seed(args.seed, plan["k"]) + 1 + attempt)
+            for _, plan, attempt in chunk]
     x_ok = torch.stack([to_tensor(read_image(plan["good"]), plan["mask"].shape[-1])
-                        for _, plan in chunk]).to(dev, dt)
-    mask = torch.stack([plan["mask"][None] for _, plan in chunk]).to(dev, dt)
-    hint = torch.stack([trimap(plan["mask"], plan["fg"]) for _, plan in chunk]).to(dev, dt)
+                        for _, plan, _ in chunk]).to(dev, dt)
+    mask = torch.stack([plan["mask"][None] for _, plan, _ in chunk]).to(dev, dt)
+    hint = torch.stack([trimap(plan["mask"], plan["fg"]) for _, plan, _ in chunk]).to(dev, dt)
     which = f"image {chunk[0][0] + 1}" + (f"-{chunk[-1][0] + 1}" if len(chunk) > 1 else "")
     which += f"/{total}"
     steps, adapt_steps = cfg.stages.steps, cfg.adapt.steps
@@ -295,27 +306,58 @@ def sample_chunk(args, models, cfg: SampleConfig, chunk: list, total: int, text:
     before, after = res["before"], res["after"]
     if args.paste_background:
         after = paste_background(after, x_ok, mask)
-    seconds = (time.time() - t0) / b
-    out, folder, rows = Path(args.out), args.defect.replace(" ", "_"), []
-    for j, (n, plan) in enumerate(chunk):
+    seconds, drawn = (time.time() - t0) / b, []
+    for j, (n, plan, attempt) in enumerate(chunk):
         k, losses, bg = plan["k"], res["losses"][j], 1 - mask[j:j + 1]
         image, region = to_uint8(after[j]), plan["mask"].numpy() > 0.5
         record = dict(index=k, seed=args.seed, image_seed=image_seed(args.seed, k),
-                      source=str(plan["good"]), placement=plan["info"], prompt=prompt_text,
-                      stages=vars(cfg.stages), adapt_loss_before=losses[0],
+                      attempt=attempt, source=str(plan["good"]), placement=plan["info"],
+                      prompt=prompt_text, stages=vars(cfg.stages), adapt_loss_before=losses[0],
                       adapt_loss_after=losses[-1],
                       psnr_bg_before=psnr(before[j:j + 1], x_ok[j:j + 1], bg),
                       psnr_bg_after=psnr(after[j:j + 1], x_ok[j:j + 1], bg),
                       change_in_mask=round(float(np.abs(image[region].astype(np.float64)
                                                         - to_uint8(x_ok[j])[region]).mean()), 3),
                       seconds=round(seconds, 2))
-        save_png(image, out / "test" / folder / f"{k:03d}.png")
-        save_png((plan["mask"] * 255).byte().numpy(), out / "ground_truth" / folder / f"{k:03d}_mask.png")
-        with (out / "manifest.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        log(f"\rimage {n + 1}/{total}: done in {record['seconds']:.1f}s, background PSNR "
-            f"{record['psnr_bg_before']:.1f} -> {record['psnr_bg_after']:.1f} dB" + " " * 20)
-        rows.append([x_ok[j], hint[j] * 2 - 1, before[j], after[j], overlay(after[j], mask[j])])
+        drawn.append(dict(n=n, plan=plan, attempt=attempt, image=image, record=record,
+                          row=[x_ok[j], hint[j] * 2 - 1, before[j], after[j],
+                               overlay(after[j], mask[j])]))
+    return drawn
+
+
+def write_image(args, item: dict, total: int, log) -> None:
+    """One drawn image, its mask and its manifest line (the line last: it marks the image done)."""
+    out, folder, k, record = Path(args.out), args.defect.replace(" ", "_"), item["plan"]["k"], item["record"]
+    save_png(item["image"], out / "test" / folder / f"{k:03d}.png")
+    save_png((item["plan"]["mask"] * 255).byte().numpy(), out / "ground_truth" / folder / f"{k:03d}_mask.png")
+    with (out / "manifest.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    log(f"\rimage {item['n'] + 1}/{total}: done in {record['seconds']:.1f}s, background PSNR "
+        f"{record['psnr_bg_before']:.1f} -> {record['psnr_bg_after']:.1f} dB, change in mask "
+        f"{record['change_in_mask']:.1f}" + " " * 20)
+
+
+def sample_chunk(args, models, cfg: SampleConfig, chunk: list, total: int, text: tuple,
+                 adapt_fn, log) -> list:
+    """Draw one batch, redraw (as a batch) each image that changed less than --min-change inside
+    its mask, up to --redraws times; write the images that passed, list the others in
+    OUT/dropped.jsonl. Returns the preview rows of the written images."""
+    todo, rows = [(n, plan, 0) for n, plan in chunk], []
+    while todo:
+        redo = []
+        for item in draw_chunk(args, models, cfg, todo, total, text, adapt_fn, log):
+            if item["record"]["change_in_mask"] >= args.min_change:
+                write_image(args, item, total, log)
+                rows.append(item["row"])
+            elif item["attempt"] < args.redraws:
+                redo.append((item["n"], item["plan"], item["attempt"] + 1))
+            else:
+                with (Path(args.out) / "dropped.jsonl").open("a") as f:
+                    f.write(json.dumps(item["record"]) + "\n")
+                log(f"\rimage {item['n'] + 1}/{total}: dropped, its mask changed by "
+                    f"{item['record']['change_in_mask']:.1f} < --min-change {args.min_change:g} "
+                    f"in {args.redraws + 1} draws" + " " * 20)
+        todo = redo
     return rows
 
 
