@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("real-only", "crop-paste", "perlin", "minibldm", "minibldm+real")  # table order
 # The detector's training length, chosen by tools/detector_lengths.py's rule from the training
 # losses of real-only and crop-paste on seed 0 (docs/RESULTS.md), never from test metrics.
-DETECTOR_STEPS = 2000
+DETECTOR_STEPS = 4000
 # steps of each stage: autoencoder, text + UNet, trimap branch; detector steps; images per type.
 # Full mode fine-tunes the pretrained tiny model (--init), as AdaBLDM fine-tunes SD 1.5.
 STEPS = {"full": dict(ae=300, text=1200, control=1200, detector=DETECTOR_STEPS, n=200),

@@ -70,7 +70,7 @@ def parse_args(argv):
     run("--bulk", action="store_true", help="dataset scale, not the paper's Algorithm 2: no "
         "decoder adaptation, x_OK pasted outside a feathered mask (--adapt-steps 0 "
         "--paste-background), --batch-size 16 unless given; about 15x faster on a CPU "
-        "(docs/RESULTS.md measures what it changes)")
+        "(docs/RESULTS.md)")
     run("--batch-size", type=int, metavar="B", help="images sampled and adapted together, one "
         "decoder copy each (default 1, with --bulk 16); the same images as one at a time up to "
         "float rounding")

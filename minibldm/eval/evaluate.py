@@ -64,7 +64,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--seed", type=int, help="split and detector seed (default 0); with --split, the "
         "detector's seed only (default the split's)")
     add("--split", metavar="FILE", help="a training run's split.json (its k and seed are used)")
-    add("--steps", type=int, default=400, metavar="N", help="detector training steps (400)")
+    add("--steps", type=int, default=4000, metavar="N", help="detector training steps (4000: "
+        "the longest tools/detector_lengths.py tried; about 25 min at 128 px on 2 CPU cores)")
     add("--size", type=int, default=128, metavar="S", help="image side, a multiple of 8 (128)")
     add("--batch-size", type=int, default=8, metavar="B", help="half good, half defects (8)")
     add("--lr", type=float, default=2e-3, help="Adam learning rate (2e-3)")
