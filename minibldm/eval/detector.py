@@ -65,7 +65,7 @@ def train(net: SegNet, batch: Callable[[int], tuple[Tensor, Tensor]], steps: int
     """Train `net` for `steps` Adam steps; batch(step) -> (images (B, 3, S, S), masks (B, 1, S,
     S)). The learning rate decays from `lr` to 0 along a half cosine. Returns the loss per step.
     channels_last: store the activations as (B, S, S, C), 1.3x faster on a 2-core CPU for the
-    same function (float rounding aside; tests/test_evaluate.py compares the two)."""
+    same function (float rounding aside; tests/test_evaluate.py compares the two runs' losses)."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
     net.to(memory_format=layout).train()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
