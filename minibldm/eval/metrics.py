@@ -22,17 +22,19 @@ def _flat(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return s, y
 
 
-def counts_by_threshold(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def counts_by_threshold(scores, labels, weights=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(thresholds, tp, fp): the distinct scores from the highest down, and the true and false
-    positives of "score >= threshold" at each. ValueError if no label is positive."""
+    positives of "score >= threshold" at each (tp: the sum of the positives' `weights`, default
+    1 each). ValueError if no label is positive."""
     s, y = _flat(scores, labels)
     if not y.any():
         raise ValueError("the labels hold no positive")
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
     last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # the last index of each tie group
-    tp = np.cumsum(y)[last]
-    return s[last], tp, last + 1 - tp
+    positives = np.cumsum(y)[last]
+    w = y if weights is None else np.where(y, np.asarray(weights).reshape(-1)[order], 0.0)
+    return s[last], (positives if weights is None else np.cumsum(w)[last]), last + 1 - positives
 
 
 def auroc(scores, labels) -> float:
@@ -98,12 +100,8 @@ def aupro(scores, masks, fpr_limit: float = 0.3) -> float:
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     sizes = np.bincount(labels.reshape(-1), minlength=n + 1).astype(np.float64)
-    weight = np.where(y, 1.0 / (n * sizes[labels.reshape(-1)]), 0.0)
-    order = np.argsort(-s, kind="stable")
-    s, weight, neg = s[order], weight[order], ~y[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
-    fpr = np.r_[0.0, np.cumsum(neg)[last] / neg.sum()]
-    pro = np.r_[0.0, np.cumsum(weight)[last]]
+    _, pro, fp = counts_by_threshold(s, y, weights=1.0 / (n * sizes[labels.reshape(-1)]))
+    fpr, pro = np.r_[0.0, fp / (~y).sum()], np.r_[0.0, pro]
     keep = np.searchsorted(fpr, fpr_limit, side="right")  # points with fpr <= limit
     x, p = fpr[:keep], pro[:keep]
     if keep < fpr.size and x[-1] < fpr_limit:  # the segment that crosses the limit
