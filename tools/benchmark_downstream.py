@@ -153,7 +153,7 @@ def evaluate(data: Path, split_file: Path, generated: list, out: Path, steps: in
              device: str, log: Path, methods: dict[str, str] | None = None) -> dict:
     """Each method's detector result by label (methods: labels(tag); default untagged)."""
     results = {}
-    for label, method in (methods or labels()).items():
+    for label, method in (labels() if methods is None else methods).items():
         result = out / f"{label}.json"
         if not result.is_file():
             extra = ["--generated", *generated] if method in GENERATED else []
@@ -256,31 +256,47 @@ def tags(args) -> tuple[str, str]:
 
 
 def run_seed(args, seed: int, work: Path, s: dict, log: Path) -> tuple[dict, dict]:
-    """One seed's chain (each step skipped when its result exists): train the generator,
-    sample, evaluate every method, genquality. Returns (detector results, genquality result)."""
+    """One seed's chain, each step skipped when its result exists: train the generator, sample,
+    evaluate the methods that read generated images, genquality, then the baselines. The
+    seed's split is kept as seedN/split.json, so that the baselines need no generator and a
+    seed can be finished in a later session from its results alone (the generators and images
+    are large and made from the data's pixels; only the split, the results and the log are
+    worth keeping). Returns (detector results, genquality result)."""
     data, init = Path(args.data), None if args.init == "none" else Path(args.init)
     dw_tag, tag = tags(args)
     methods = labels(tag)
     sw = work / f"seed{seed}"
     sw.mkdir(exist_ok=True)
-    print(f"== seed {seed}: training the generator on {data.name}", flush=True)
-    model = train_model(data, sw / f"generator{dw_tag}", seed, s, init, args.device, log,
-                        args.defect_weight)
-    split_file = model / "split.json"
-    masks = training_masks(data, json.loads(split_file.read_text()), sw / "train_masks")
-    print(f"== seed {seed}: generating {args.n or s['n']} images per defect type", flush=True)
-    generated = generate(model, data, masks, sw / f"generated{tag}", seed, args.n or s["n"],
-                         args.device, log, args.fg_weight, args.exact_masks,
-                         args.sampler == "full")
-    print(f"== seed {seed}: evaluating {', '.join(methods)}", flush=True)
     steps = args.detector_steps or s["detector"]
-    results = evaluate(data, split_file, generated, sw / f"eval_{steps}steps", steps, seed,
-                       args.device, log, methods)
-    gq = sw / f"genquality{tag}.json"
+    out = sw / f"eval_{steps}steps"
+    split_file, gq = sw / "split.json", sw / f"genquality{tag}.json"
+    needs_generator = [label for label, m in methods.items()
+                       if m in GENERATED and not (out / f"{label}.json").is_file()]
+    generated = []
+    if needs_generator or not gq.is_file() or not split_file.is_file():
+        print(f"== seed {seed}: training the generator on {data.name}", flush=True)
+        model = train_model(data, sw / f"generator{dw_tag}", seed, s, init, args.device, log,
+                            args.defect_weight)
+        split = (model / "split.json").read_text()
+        if split_file.is_file() and json.loads(split_file.read_text()) != json.loads(split):
+            sys.exit(f"benchmark_downstream: {model / 'split.json'} differs from {split_file}")
+        split_file.write_text(split)
+        masks = training_masks(data, json.loads(split), sw / "train_masks")
+        print(f"== seed {seed}: generating {args.n or s['n']} images per defect type", flush=True)
+        generated = generate(model, data, masks, sw / f"generated{tag}", seed, args.n or s["n"],
+                             args.device, log, args.fg_weight, args.exact_masks,
+                             args.sampler == "full")
+    print(f"== seed {seed}: evaluating {', '.join(methods)}", flush=True)
+    # the methods that need this call's images first: the baselines can finish in another call
+    order = sorted(methods, key=lambda label: methods[label] not in GENERATED)
+    results = evaluate(data, split_file, generated, out, steps, seed, args.device, log,
+                       {label: methods[label] for label in order[:len(needs_generator)]})
     if not gq.is_file():
         run([sys.executable, "-m", "minibldm.genquality", "--data", data, "--texture",
              "--split", split_file, "--generated", *generated, "--out", gq], log)
-    return results, json.loads(gq.read_text())
+    results.update(evaluate(data, split_file, generated, out, steps, seed, args.device, log,
+                            methods))
+    return {label: results[label] for label in methods}, json.loads(gq.read_text())
 
 
 def write_summary(args, work: Path, info: dict, per_seed: dict, quality: dict) -> str:
