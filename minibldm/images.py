@@ -88,14 +88,16 @@ def to_tensor(image: np.ndarray, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def mask_to_tensor(mask: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
-    """(H, W) {0, 1} mask to (size, size) by nearest neighbour (pixel centres aligned). When
-    shrinking breaks the mask into more pieces than keeping every output pixel it touches does
-    (a thin crack turned into dashes) or loses it, the touched pixels are used instead."""
+def mask_to_tensor(mask: torch.Tensor | np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
+    """(H, W) {0, 1} mask to (size, size) or, for size (h, w), (h, w) by nearest neighbour (pixel
+    centres aligned). When shrinking breaks the mask into more pieces than keeping every output
+    pixel it touches does (a thin crack turned into dashes) or loses it, the touched pixels are
+    used instead."""
     m = torch.as_tensor(mask).float()[None, None]
-    out = F.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0]
-    if m.shape[-2] > size or m.shape[-1] > size:
-        touched = F.adaptive_max_pool2d(m, (size, size))[0, 0]
+    h, w = (size, size) if isinstance(size, int) else size
+    out = F.interpolate(m, size=(h, w), mode="nearest-exact")[0, 0]
+    if m.shape[-2] > h or m.shape[-1] > w:
+        touched = F.adaptive_max_pool2d(m, (h, w))[0, 0]
         if not out.any() or count_components(out) > count_components(touched):
             return touched
     return out

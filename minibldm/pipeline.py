@@ -36,9 +36,11 @@ def encode_prompt(models, text: str) -> tuple[Tensor, Tensor]:
     return models.text_encoder(models.tokenizer([text, ""]).to(device)).chunk(2)
 
 
-def image_seed(seed: int, k: int) -> int:
-    """A 63-bit seed for output k: every image's randomness depends on (seed, k) alone."""
-    return int.from_bytes(hashlib.sha256(f"minibldm/{seed}/{k}".encode()).digest()[:8], "little") >> 1
+def image_seed(seed: int, k: int, stream: str = "") -> int:
+    """A 63-bit seed for output k: every image's randomness depends on (seed, k) alone, or on
+    (seed, stream, k) when the run has several streams (the defect types of a category)."""
+    key = f"minibldm/{seed}/{stream}/{k}" if stream else f"minibldm/{seed}/{k}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
 
 
 def per_image_noise(generators: list[torch.Generator]) -> Noise:

@@ -46,7 +46,7 @@ def test_demo_runs_from_nothing(tmp_path):
         # scratches and threads do not show yet (weights/tiny/README.md)
         change = np.abs(image - good).mean(-1)[mask].mean()
         assert change > 20, (cat, change)
-        settings = json.loads((out / cat / "run.json").read_text())
+        settings = json.loads((out / cat / "minibldm" / "runs" / f"{row['run']}.json").read_text())
         assert settings["fg_weight"] == float(FG_WEIGHT) and settings["adapt_steps"] == 200, settings
         # the background is kept: the adaptation's job, and it must improve on the frozen decoder
         assert row["psnr_bg_after"] > 30 and row["psnr_bg_after"] > row["psnr_bg_before"], row

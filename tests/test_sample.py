@@ -52,27 +52,44 @@ def run(inputs, out, *extra, n="2"):
 
 
 def files(out):
+    """The dataset's PNGs (the metadata folder minibldm/ aside), by path relative to out."""
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(Path(out).rglob("*.png"))
-            if p.name != "preview.png"}
+            if "minibldm" not in p.relative_to(out).parts}
+
+
+def manifest(out, name="manifest.jsonl"):
+    return [json.loads(x) for x in (Path(out) / "minibldm" / name).read_text().splitlines()]
+
+
+def settings(out):
+    """The run record of the one run in out."""
+    (record,) = (Path(out) / "minibldm" / "runs").iterdir()
+    return json.loads(record.read_text())
 
 
 def test_writes_mvtec_layout_manifest_and_preview(tmp_path, inputs):
     r = run(inputs, tmp_path / "out")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
-    assert sorted(files(out)) == ["ground_truth/crack/000_mask.png", "ground_truth/crack/001_mask.png",
-                                  "test/crack/000.png", "test/crack/001.png"]
-    mask = np.asarray(Image.open(out / "ground_truth/crack/000_mask.png"))
-    assert set(np.unique(mask)) == {0, 255}
-    img = np.asarray(Image.open(out / "test/crack/000.png"))
-    assert img.shape == (64, 64, 3)
-    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    lines = manifest(out)
+    run_id = lines[0]["run"]
+    assert len(run_id) == 8 and sorted(files(out)) == [
+        f"ground_truth/crack/{run_id}_000000_mask.png", f"ground_truth/crack/{run_id}_000001_mask.png",
+        f"test/crack/{run_id}_000000.png", f"test/crack/{run_id}_000001.png"]
     assert [x["index"] for x in lines] == [0, 1]
+    for x in lines:  # each record names its own files, relative to out
+        assert set(files(out)) >= {x["image"], x["mask"]} and x["defect"] == "crack"
+        assert x["mask"] == x["image"].replace("test/", "ground_truth/").replace(".png", "_mask.png")
+    mask = np.asarray(Image.open(out / lines[0]["mask"]))
+    assert set(np.unique(mask)) == {0, 255}
+    img = np.asarray(Image.open(out / lines[0]["image"]))
+    assert img.shape == (80, 80, 3)  # the good image's own size (the model works at 64)
     for key in ("seed", "source", "placement", "prompt", "stages", "adapt_loss_before",
-                "adapt_loss_after", "psnr_bg_before", "psnr_bg_after"):
+                "adapt_loss_after", "psnr_bg_before", "psnr_bg_after", "noise_seed", "window"):
         assert key in lines[0]
     assert lines[0]["prompt"] == "a tile with a crack"
-    assert Image.open(out / "preview.png").size == (5 * 64, 2 * 64)
+    assert Image.open(out / "minibldm" / f"preview_{run_id}.png").size == (5 * 64, 2 * 64)
+    assert sorted(p.name for p in out.iterdir()) == ["ground_truth", "minibldm", "test"]
 
 
 def test_same_seed_same_bytes_and_shards_equal_one_run(tmp_path, inputs):
@@ -88,7 +105,7 @@ def test_same_seed_same_bytes_and_shards_equal_one_run(tmp_path, inputs):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     shard = files(tmp_path / "s")
-    assert shard == {k: v for k, v in files(tmp_path / "a").items() if "001" in k}
+    assert shard == {k: v for k, v in files(tmp_path / "a").items() if "_000001" in k}
     assert run(inputs, tmp_path / "c", "--seed", "1").returncode == 0
     assert files(tmp_path / "c") != files(tmp_path / "a")
 
@@ -103,8 +120,7 @@ def test_batches_give_the_images_of_one_at_a_time(tmp_path, inputs):
         a = np.asarray(Image.open(tmp_path / "one" / name), np.int16)
         b = np.asarray(Image.open(tmp_path / "batch" / name), np.int16)
         assert np.abs(a - b).max() <= 1, name  # float rounding may flip a level
-    rec = [[json.loads(x) for x in (tmp_path / d / "manifest.jsonl").read_text().splitlines()]
-           for d in ("one", "batch")]
+    rec = [manifest(tmp_path / d) for d in ("one", "batch")]
     for x, y in zip(*rec):
         assert x["index"] == y["index"] and x["placement"] == y["placement"]
         assert abs(x["adapt_loss_after"] - y["adapt_loss_after"]) <= 1e-4 * x["adapt_loss_after"]
@@ -121,7 +137,7 @@ def test_compiled_run_agrees_with_eager(tmp_path, inputs):
         a = np.asarray(Image.open(tmp_path / "eager" / name), np.int16)
         b = np.asarray(Image.open(tmp_path / "fused" / name), np.int16)
         assert np.abs(a - b).max() <= 1, name
-    x, y = [json.loads((tmp_path / d / "manifest.jsonl").read_text()) for d in ("eager", "fused")]
+    x, y = [manifest(tmp_path / d)[0] for d in ("eager", "fused")]
     assert abs(x["adapt_loss_after"] - y["adapt_loss_after"]) <= 1e-4 * x["adapt_loss_after"]
 
 
@@ -131,10 +147,13 @@ def test_resume_continues_where_it_stopped(tmp_path, inputs):
     assert len(files(tmp_path / "part")) == 2
     assert run(inputs, tmp_path / "part").returncode == 0
     assert files(tmp_path / "part") == files(tmp_path / "full")
-    lines = (tmp_path / "part" / "manifest.jsonl").read_text().splitlines()
-    assert len(lines) == 2
+    assert len(manifest(tmp_path / "part")) == 2
+    # other settings are another run, written beside this one under its own names
     r = run(inputs, tmp_path / "part", "--seed", "5")
-    assert r.returncode == 2 and "other settings (seed)" in r.stderr
+    assert r.returncode == 0, r.stderr
+    both = files(tmp_path / "part")
+    assert len(both) == 8 and {k: both[k] for k in files(tmp_path / "full")} == files(tmp_path / "full")
+    assert len({x["run"] for x in manifest(tmp_path / "part")}) == 2
 
 
 def test_exact_masks_one_output_per_mask(tmp_path, inputs):
@@ -143,10 +162,10 @@ def test_exact_masks_one_output_per_mask(tmp_path, inputs):
             n="5")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
-    for k in (0, 1):  # the user's masks, as they are (resized to the model's 64 like the image)
-        got = np.asarray(Image.open(out / f"ground_truth/crack/{k:03d}_mask.png")) > 127
-        src = np.asarray(Image.open(root / "masks" / f"{k:03d}_mask.png").resize((64, 64), Image.NEAREST)) > 127
-        assert (got == src).mean() > 0.99
+    for record in manifest(out):  # the user's masks, as they are, at the image's own size
+        got = np.asarray(Image.open(out / record["mask"])) > 127
+        src = np.asarray(Image.open(record["placement"]["mask_file"])) > 127
+        assert (got == src).all()
     assert len(files(out)) == 4
 
 
@@ -246,7 +265,7 @@ def test_soft_masks_are_thresholded_and_said_once(tmp_path, inputs):
     r = run(inputs, tmp_path / "out", "--defect-masks", soft, n="1")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("thresholded at 127") == 1
-    mask = np.asarray(Image.open(tmp_path / "out/ground_truth/crack/000_mask.png"))
+    mask = np.asarray(Image.open(tmp_path / "out" / manifest(tmp_path / "out")[0]["mask"]))
     assert set(np.unique(mask)) == {0, 255}
 
 
@@ -254,13 +273,13 @@ def test_paste_background_copies_x_ok_outside_a_feathered_mask(tmp_path, inputs)
     r = run(inputs, tmp_path / "out", "--paste-background", n="1")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
-    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
-    good = np.asarray(Image.open(record["source"]).convert("RGB").resize((64, 64), Image.BILINEAR))
-    img = np.asarray(Image.open(out / "test/crack/000.png"))
-    mask = np.asarray(Image.open(out / "ground_truth/crack/000_mask.png")) > 127
-    near = np.zeros_like(mask)  # the mask grown by the feather's reach (2 x radius 3)
+    record = manifest(out)[0]
+    good = np.asarray(Image.open(record["source"]).convert("RGB"))
+    img = np.asarray(Image.open(out / record["image"]))
+    mask = np.asarray(Image.open(out / record["mask"])) > 127
+    near = np.zeros_like(mask)  # the mask grown by the feather's reach: 2 x radius 4 at 80 px
     for y, x in zip(*np.nonzero(mask)):
-        near[max(0, y - 6):y + 7, max(0, x - 6):x + 7] = True
+        near[max(0, y - 8):y + 9, max(0, x - 8):x + 9] = True
     assert (img[~near] == good[~near]).all()
     assert np.abs(img[mask].astype(int) - good[mask]).mean() > 1  # the defect region is generated
 
@@ -280,12 +299,9 @@ def test_latent_mask_cover_keeps_a_thin_exact_mask(tmp_path, inputs):
         r = run(inputs, out, "--exact-masks", tmp_path / "thin", "--good", root / "good" / "000.png",
                 "--latent-mask", how, n="1")
         assert r.returncode == 0, r.stderr
-        assert json.loads((out / "run.json").read_text())["latent_mask"] == how
-        outs[how] = files(out)["test/crack/000.png"]
-    assert outs["nearest"] != outs["cover"]
-    r = run(inputs, tmp_path / "cover", "--exact-masks", tmp_path / "thin", "--good",
-            root / "good" / "000.png", n="1")
-    assert r.returncode == 2 and "other settings (latent_mask)" in r.stderr
+        assert settings(out)["latent_mask"] == how
+        outs[how] = np.asarray(Image.open(out / manifest(out)[0]["image"]))
+    assert (outs["nearest"] != outs["cover"]).any()
     r = run(inputs, tmp_path / "bad", "--latent-mask", "area")  # one line, exit 2, nothing written
     assert r.returncode == 2 and not (tmp_path / "bad").exists()
     lines = r.stderr.strip().splitlines()
@@ -312,8 +328,8 @@ def test_bulk_is_no_adaptation_plus_paste_in_batches(tmp_path, inputs):
     code, err = call("ref", "--adapt-steps", "0", "--paste-background", "--batch-size", "16")
     assert code == 0, err
     assert files(tmp_path / "bulk") == files(tmp_path / "ref")
-    settings = json.loads((tmp_path / "bulk" / "run.json").read_text())
-    assert settings["adapt_steps"] == 0 and settings["paste_background"] is True
+    assert settings(tmp_path / "bulk")["adapt_steps"] == 0
+    assert settings(tmp_path / "bulk")["paste_background"] is True
     code, err = call("bad", "--bulk", "--adapt-steps", "50")
     assert code == 2 and "--bulk" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
@@ -322,13 +338,10 @@ def test_bulk_is_no_adaptation_plus_paste_in_batches(tmp_path, inputs):
 def test_manifest_records_the_change_inside_the_mask(tmp_path, inputs):
     """change_in_mask is genquality's measure, recomputed here from the written files."""
     assert run(inputs, tmp_path / "out", n="2").returncode == 0
-    for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        k = record["index"]
-        img = np.asarray(Image.open(tmp_path / "out" / f"test/crack/{k:03d}.png"), np.float64)
-        good = np.asarray(Image.open(record["source"]).convert("RGB").resize((64, 64),
-                                                                              Image.BILINEAR))
-        mask = np.asarray(Image.open(tmp_path / "out" / f"ground_truth/crack/{k:03d}_mask.png")) > 127
+    for record in manifest(tmp_path / "out"):
+        img = np.asarray(Image.open(tmp_path / "out" / record["image"]), np.float64)
+        good = np.asarray(Image.open(record["source"]).convert("RGB"))
+        mask = np.asarray(Image.open(tmp_path / "out" / record["mask"])) > 127
         assert record["change_in_mask"] == pytest.approx(np.abs(img[mask] - good[mask]).mean(),
                                                          abs=2e-3)
 
@@ -340,17 +353,16 @@ def test_min_change_redraws_then_drops_and_resume_skips_the_dropped(tmp_path, in
     r = run(inputs, tmp_path / "out", "--min-change", "255", "--redraws", "1", n="2")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
-    assert not list(out.rglob("*.png")) or [p.name for p in out.rglob("*.png")] == ["preview.png"]
-    dropped = [json.loads(x) for x in (out / "dropped.jsonl").read_text().splitlines()]
+    assert not files(out)
+    dropped = manifest(out, "dropped.jsonl")
     assert sorted((d["index"], d["attempt"]) for d in dropped) == [(0, 1), (1, 1)]
     assert all(d["change_in_mask"] < 255 for d in dropped)
     again = run(inputs, out, "--min-change", "255", "--redraws", "1", n="2")
-    assert again.returncode == 0 and len((out / "dropped.jsonl").read_text().splitlines()) == 2
+    assert again.returncode == 0 and len(manifest(out, "dropped.jsonl")) == 2
     assert run(inputs, tmp_path / "zero", "--min-change", "0", n="2").returncode == 0
     assert run(inputs, tmp_path / "plain", n="2").returncode == 0
     assert files(tmp_path / "zero") == files(tmp_path / "plain")
-    first = {json.loads(x)["index"]: json.loads(x)["change_in_mask"]
-             for x in (tmp_path / "plain" / "manifest.jsonl").read_text().splitlines()}
+    first = {x["index"]: x["change_in_mask"] for x in manifest(tmp_path / "plain")}
     assert all(d["change_in_mask"] != first[d["index"]] for d in dropped)  # new noise, new image
     bad = run(inputs, tmp_path / "bad", "--min-change", "-1", n="1")
     assert bad.returncode == 2 and "--min-change" in bad.stderr

@@ -109,12 +109,11 @@ def main(argv=None) -> int:
                 "--foreground", str(data / cat / "foreground" / "test" / "good")]
             if sample.main(argv):
                 return 2
-            folder = meta["defects"][defect].replace(" ", "_")
-            for line in (run / "manifest.jsonl").read_text().splitlines():
+            for line in (run / "minibldm" / "manifest.jsonl").read_text().splitlines():
                 r = json.loads(line)
-                x = read_image(run / "test" / folder / f"{r['index']:03d}.png").astype(np.float64)
+                x = read_image(run / r["image"]).astype(np.float64)
                 x_ok = np.asarray(to_tensor(read_image(r["source"]), size).permute(1, 2, 0) * 127.5 + 127.5)
-                mask = read_image(run / "ground_truth" / folder / f"{r['index']:03d}_mask.png")[..., 0] > 127
+                mask = read_image(run / r["mask"])[..., 0] > 127
                 change = np.abs(x - np.round(x_ok))[mask].mean()
                 rows.append({"defect": defect, "psnr_bg_before": r["psnr_bg_before"],
                              "psnr_bg_after": r["psnr_bg_after"], "mask_change": float(change),

@@ -66,12 +66,12 @@ def run(weights: Path, out: Path = OUT, log=sys.stderr) -> int:
         if status:
             return status
         folder = out / category
-        for line in (folder / "manifest.jsonl").read_text().splitlines():
+        for line in (folder / "minibldm" / "manifest.jsonl").read_text().splitlines():
             rec = json.loads(line)
-            name = CATEGORIES[category]["defects"][defect].replace(" ", "_")
-            rows.append({"category": category, "image": f"{category}/test/{name}/{rec['index']:03d}.png",
-                         "mask": f"{category}/ground_truth/{name}/{rec['index']:03d}_mask.png", **rec})
-        previews.append(np.asarray(Image.open(folder / "preview.png").convert("RGB")))
+            rows.append({"category": category, **rec, "image": f"{category}/{rec['image']}",
+                         "mask": f"{category}/{rec['mask']}"})
+        previews.append(np.asarray(Image.open(folder / "minibldm" / f"preview_{rec['run']}.png")
+                                   .convert("RGB")))
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     save_png(np.concatenate(previews, axis=0), out / "preview.png")
     print(f"minibldm demo: {len(rows)} defect images in {time.perf_counter() - t0:.0f} s; look at "

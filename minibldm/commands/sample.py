@@ -1,25 +1,36 @@
 """python -m minibldm.sample: make defect images with pixel-aligned masks (AdaBLDM).
 
-For each output k: a good image x_OK, its foreground F, a defect mask M* (a real few-shot mask,
-randomly rotated and scaled, placed inside F; or the user's exact mask) and the trimap Γ go
-through minibldm/pipeline.py (Algorithms 1 and 2). Writes, in the MVTec AD layout so that
-anomaly-detection tools read it directly:
+    python -m minibldm.sample --data CATEGORY --weights RUN -n 200 --out OUT
+    python -m minibldm.sample --images GOOD --defect-masks MASKS --object NAME --defect NAME \
+        -n 10 --out OUT
 
-    OUT/test/<defect>/000.png  OUT/ground_truth/<defect>/000_mask.png (0/255)
-    OUT/manifest.jsonl         one JSON line per image (seed, source, placement, prompt, stages,
-                               adaptation loss before/after, background PSNR against x_OK,
-                               change_in_mask: mean |image - x_OK| inside M*, levels of 255)
-    OUT/preview.png            good | trimap | before adaptation | after | mask overlay
-    OUT/dropped.jsonl          with --min-change: the images dropped (no defect appeared)
-    OUT/run.json               the settings; a rerun with the same OUT resumes, a different one is refused
+With --data, every defect type the run's trimap branch was trained on (or --defect's), -n per
+type, with masks drawn from the run's few-shot split only (split.json beside the branch). The
+hand-wired flags make one defect type from any folders. For each output k: a good image x_OK,
+its foreground F, a defect mask M* (a real few-shot mask, randomly rotated and scaled, placed
+inside F; or the user's exact mask) and the trimap go through minibldm.Pipeline (minibldm/api.py:
+Algorithms 1 and 2 at the model's size; the result is blended back into the full-resolution
+image, whose size and aspect the outputs keep). Writes the MVTec AD layout that anomaly-detection
+tools read, everything else under OUT/minibldm/:
 
-Image k depends only on (seed, k), so `--first K -n N` shards a job across processes and a
-resumed run gives the same bytes as an uninterrupted one. Bad input: one line on stderr, exit
-status 2, nothing written. With no arguments: the demo of the bundled tiny model (demo.py).
+    OUT/test/<defect>/<run>_<k>.png  OUT/ground_truth/<defect>/<run>_<k>_mask.png (0/255)
+    OUT/minibldm/manifest.jsonl      one JSON line per image: its image and mask paths (relative
+                                     to OUT), defect type, source image, placement, prompt,
+                                     seeds, adaptation loss, background PSNR and change_in_mask
+                                     (mean |image - x_OK| inside M*, levels of 255)
+    OUT/minibldm/runs/<run>.json     the settings of run <run> (8 hex digits of their hash)
+    OUT/minibldm/preview_<run>.png   good | trimap | before adaptation | after | mask overlay
+    OUT/minibldm/dropped.jsonl       with --min-change: the images dropped (no defect appeared)
+
+<k> has 6 digits. Image k depends only on (seed, k) (and its defect type with --data), so
+`--first K -n N` shards a job across processes; a rerun with the same settings resumes (the same
+bytes as an uninterrupted run); other settings write beside it under another <run>. Bad input:
+one line on stderr, exit status 2, nothing written. With no arguments: the demo of the bundled
+tiny model (demo.py).
 """
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
 import sys
 import time
@@ -27,20 +38,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from .. import adapt, fast
+from ..api import DEFAULT_WEIGHTS, Job, Pipeline
 from ..config import LATENT_MASKS, AdaptConfig, SampleConfig, Stages
-from ..images import DataError, read_image, save_png, to_tensor, to_uint8
-from ..io import WeightsError
-from ..masks import trimap
-from ..pipeline import (defect_image, encode_prompt, image_seed, paste_background, per_image_noise,
-                        prompt, psnr)
-from ..weights import load, read_config
+from ..images import DataError, save_png, to_uint8
+from ..io import WeightsError, write_text_atomic
+from ..pipeline import image_seed
 from .common import Parser, UsageError
-from .sampleplan import plan_images
+from .sampleplan import category_sources, check_control_names, hand_wired_sources, plan_source
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "tiny"
 KNOBS = SampleConfig()  # the method's knobs with their defaults, from minibldm/config.py
 PREVIEW_ROWS = 8  # images drawn in preview.png
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,8 +55,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv):
     p = Parser(prog="python -m minibldm.sample", description=__doc__.split("\n\n")[0])
     io = p.add_argument_group("inputs and outputs")
-    io.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="minibldm weights folder (default: the bundled tiny model)")
+    io.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="minibldm weights folder or training run (default: the bundled tiny model)")
     io.add_argument("--control", help="control.safetensors of a training run, when --weights has none")
+    io.add_argument("--data", help="a category (MVTec AD or plain layout): every defect type the "
+                    "trimap branch was trained on, masks from the run's split.json")
+    io.add_argument("--split", help="with --data: the few-shot split (default: split.json beside "
+                    "the trimap branch)")
     io.add_argument("--images", help="folder of defect-free images x_OK")
     io.add_argument("--defect-masks", help="folder of real few-shot defect masks M_NG")
     io.add_argument("--exact-masks", help="folder of masks used as they are: one output per mask")
@@ -59,9 +69,11 @@ def parse_args(argv):
     fg = io.add_mutually_exclusive_group()
     fg.add_argument("--foreground", help="folder of foreground masks (same stems as the images)")
     fg.add_argument("--texture", action="store_true", help="a surface: the foreground is the whole image")
-    io.add_argument("--object", help='object name for the prompt "a {object} with a {defect}"')
-    io.add_argument("--defect", help="defect name (prompt and output folder)")
-    io.add_argument("-n", type=int, help="number of images")
+    io.add_argument("--object", help='object name for the prompt "a {object} with a {defect}" '
+                    "(--data: the branch's, else the category's)")
+    io.add_argument("--defect", nargs="+", help="defect name (prompt and output folder); with "
+                    "--data, the types to make (default: all the branch's)")
+    io.add_argument("-n", type=int, help="number of images (with --data: per defect type)")
     io.add_argument("--first", type=int, default=0, help="index of the first image (to shard a job)")
     io.add_argument("--out", help="output folder (MVTec AD layout)")
     io.add_argument("--seed", type=int, default=0)
@@ -116,6 +128,8 @@ def add_method_args(add) -> None:
         help="weight of the defect-region term (reference code: %(default)s; the paper's "
              "lambda_con). 100 stops the adaptation from erasing small or thin defects")
     add("--paste-background", action="store_true", help="copy x_OK as is outside a feathered mask")
+    add("--zoom", type=float, default=1.0, help="generate in a window of 1/zoom of the image's "
+        "height and width around M* (default 1: the whole image, the scale training sees)")
     add("--min-change", type=float, default=0.0, metavar="T", help="labels that tell the truth: "
         "redraw (new noise, same x_OK and mask) an image whose mean change inside its mask is "
         "under T levels of 255, up to --redraws times, then drop it (listed in dropped.jsonl); "
@@ -137,11 +151,27 @@ def check_args(args) -> SampleConfig:
     for flag, value in (("-n", args.n), ("--batch-size", args.batch_size)):
         if value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
-    for name in ("images", "object", "defect", "out"):
-        if getattr(args, name) is None:
-            raise UsageError(f"--{name} is required")
-    if not args.defect_masks and not args.exact_masks:
-        raise UsageError("--defect-masks (few-shot masks to sample from) or --exact-masks is required")
+    if args.out is None:
+        raise UsageError("--out is required")
+    if args.data:
+        for name in ("images", "defect_masks", "exact_masks", "good", "foreground"):
+            if getattr(args, name):
+                raise UsageError(f"--data reads the category's images and the run's masks: not "
+                                 f"with --{name.replace('_', '-')}")
+        if not Path(args.data).is_dir():
+            raise UsageError(f"--data {args.data}: no such folder")
+    else:
+        if args.split:
+            raise UsageError("--split goes with --data")
+        for name in ("images", "object", "defect"):
+            if getattr(args, name) is None:
+                raise UsageError(f"--{name} is required (or --data CATEGORY)")
+        if len(args.defect) > 1:
+            raise UsageError(f"--defect: one name without --data, got {len(args.defect)}")
+        if not args.defect_masks and not args.exact_masks:
+            raise UsageError("--defect-masks (few-shot masks to sample from) or --exact-masks is required")
+    if not (args.zoom >= 1 and args.zoom < float("inf")):
+        raise UsageError(f"--zoom must be at least 1, got {args.zoom:g}")
     if not 0 <= args.min_change <= 255 or args.redraws < 0:
         raise UsageError(f"--min-change must be in 0..255 and --redraws >= 0 (got "
                          f"{args.min_change:g}, {args.redraws})")
@@ -165,26 +195,22 @@ def check_args(args) -> SampleConfig:
         raise UsageError(str(e)) from None
 
 
-def check_control_names(path: Path, defect: str) -> None:
-    """Refuse a defect the control branch was not trained for, when its file records names."""
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "defects" in meta:
-        names = json.loads(meta["defects"])
-        names += list(json.loads(meta.get("defect_names", "{}")).values())  # the prompt's words
-        for per_object in json.loads(meta.get("objects", "{}")).values():
-            names += list(per_object.values())
-        if names and defect not in names and defect.replace(" ", "_") not in names:
-            raise UsageError(f"{path}: trained for defects {', '.join(names)}, not '{defect}'")
-
-
 def run_settings(args, stages: Stages, size: int) -> dict:
-    """What run.json records: a rerun into the same --out must match it to resume."""
-    keys = ("weights", "control", "images", "defect_masks", "exact_masks", "good", "foreground",
-            "texture", "object", "defect", "seed", "guidance", "eta", "translate_only",
-            "adapt_steps", "adapt_lr", "adapt_blocks", "bg_weight", "fg_weight", "paste_background",
-            "dtype", "latent_mask", "min_change", "redraws")
-    return {**{k: getattr(args, k) for k in keys}, "size": size, "stages": vars(stages)}
+    """What names a run: the settings that decide its images (not -n, --first, --defect with
+    --data, the batch size or the device). The same settings resume a run in OUT; others start a
+    new one beside it."""
+    keys = ["weights", "control", "seed", "guidance", "eta", "translate_only", "adapt_steps",
+            "adapt_lr", "adapt_blocks", "bg_weight", "fg_weight", "paste_background", "dtype",
+            "latent_mask", "min_change", "redraws", "zoom"]
+    keys += (["data", "split", "texture", "object"] if args.data else
+             ["images", "defect_masks", "exact_masks", "good", "foreground", "texture", "object",
+              "defect"])
+    settings = {k: getattr(args, k) for k in keys}
+    return {**settings, "size": size, "stages": vars(stages)}
+
+
+def run_id(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def main(argv=None) -> int:
@@ -196,73 +222,68 @@ def main(argv=None) -> int:
         return 2
 
 
-def load_models(args):
-    """The weights with a trimap branch for this run's defect, with the fast layer applied
-    (unless --reference) and the UNet and branch compiled with --compile."""
-    models = load(args.weights, device=args.device, dtype=DTYPES[args.dtype], control=args.control)
-    if models.control is None:
-        raise UsageError(f"{args.weights}: has no trimap branch (control.safetensors); pass --control")
-    check_control_names(Path(args.control) if args.control else Path(args.weights) / "control.safetensors",
-                        args.defect)
-    if not args.reference:
-        fast.optimize(models)
-    if args.compile:
-        dev = torch.device(args.device)
-        models.unet = fast.compile_frozen(models.unet, dev)
-        models.control = fast.compile_frozen(models.control, dev)
-    return models
+def load_pipeline(args, cfg: SampleConfig) -> Pipeline:
+    """minibldm.Pipeline on the weights and their trimap branch (or --control's)."""
+    try:
+        return Pipeline.load(args.weights, control=args.control, device=args.device,
+                             dtype=DTYPES[args.dtype], cfg=cfg, size=args.size,
+                             reference=args.reference, compile=args.compile,
+                             adapt_blocks=args.adapt_blocks,
+                             paste_background=args.paste_background, zoom=args.zoom)
+    except ValueError as e:
+        raise UsageError(f"--size {e}") from None
+    except WeightsError as e:
+        if "trimap branch" in str(e):
+            raise UsageError(f"{e}; pass --control") from None
+        raise
 
 
-def prepare_out(args, settings: dict) -> set[int]:
-    """Refuse an --out holding another run; the indices already done when it holds this one."""
-    out = Path(args.out)
-    if (out / "run.json").is_file():
-        before = json.loads((out / "run.json").read_text())
-        differ = sorted(k for k in settings if before.get(k) != json.loads(json.dumps(settings[k])))
-        if differ:
-            raise UsageError(f"--out {out}: holds a run with other settings ({', '.join(differ)}); "
-                             "use another folder")
-    lines = [line for name in ("manifest.jsonl", "dropped.jsonl") if (out / name).is_file()
-             for line in (out / name).read_text().splitlines()]
-    return {json.loads(line)["index"] for line in lines if line.strip()}
+def done_images(out: Path, run: str) -> set[tuple[str, int]]:
+    """(defect folder, k) of run `run`'s images already written or dropped in OUT."""
+    lines = [line for name in ("manifest.jsonl", "dropped.jsonl")
+             if (out / "minibldm" / name).is_file()
+             for line in (out / "minibldm" / name).read_text().splitlines()]
+    records = [json.loads(line) for line in lines if line.strip()]
+    return {(r["defect"], r["index"]) for r in records if r.get("run") == run}
 
 
 def generate(args) -> int:
     """Plan every image (reading all input), then sample the pending ones in batches."""
     cfg = check_args(args)
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
-    models = load_models(args)
-    size = args.size or read_config(args.weights).get("image_size", 256)
-    if size % models.config.size_multiple:
-        raise UsageError(f"--size {size}: must be a multiple of {models.config.size_multiple} "
-                         "for these weights")
-    settings = run_settings(args, cfg.stages, size)
-    done = prepare_out(args, settings)
-    plans, binary = plan_images(args, size)
+    pipe = load_pipeline(args, cfg)
+    control = Path(args.control) if args.control else Path(args.weights) / "control.safetensors"
+    sources = category_sources(args, control) if args.data else hand_wired_sources(args)
+    if not args.data:
+        check_control_names(control, args.defect[0])
+    settings = run_settings(args, cfg.stages, pipe.size)
+    run, out = run_id(settings), Path(args.out)
+    done = done_images(out, run)
+    plans, binary = [], True
+    for source in sources:
+        planned, ok = plan_source(args, source)
+        plans, binary = plans + [(source, p) for p in planned], binary and ok
     if not binary:  # said even with --quiet: it is about the user's data
         print("minibldm.sample: note: some masks were not binary; thresholded at 127",
               file=sys.stderr)
 
     # -- from here on, OUT is written --
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(settings, indent=2) + "\n")
-    text = prompt(args.object, args.defect)
-    cond, uncond = encode_prompt(models, text)
-    models.text_encoder = None  # one prompt per run: its weights (0.5 GB at SD size) are freed here
-    adapt_fn = adapt.adapt_decoder if args.reference else functools.partial(
-        fast.adapt_decoder, blocks=args.adapt_blocks, compile=args.compile)
+    write_text_atomic(out / "minibldm" / "runs" / f"{run}.json", json.dumps(settings, indent=2) + "\n")
+    for source in sources:
+        pipe.encode(source.prompt)
+    pipe.models.text_encoder = None  # every prompt is encoded: its weights (0.5 GB at SD size) are freed
     rows, start, written = [], time.time(), 0
-    pending = [(n, plan) for n, plan in enumerate(plans) if plan["k"] not in done]
+    pending = [(n, src, plan) for n, (src, plan) in enumerate(plans) if (src.folder, plan["k"]) not in done]
     for c in range(0, len(pending), args.batch_size):
         chunk = pending[c:c + args.batch_size]
-        new = sample_chunk(args, models, cfg, chunk, len(plans), (cond, uncond, text), adapt_fn, log)
+        new = sample_chunk(args, pipe, run, chunk, len(plans), log)
         written, rows = written + len(new), (rows + new)[:PREVIEW_ROWS]  # keep what is drawn
         log(progress_line(c + len(chunk), len(pending), time.time() - start))
     if rows:
-        contact_sheet(rows, out / "preview.png")
+        contact_sheet(rows, out / "minibldm" / f"preview_{run}.png")
     dropped = len(pending) - written
-    log(f"wrote {written} images to {out}" + (f"; dropped {dropped} (dropped.jsonl)" if dropped else ""))
+    log(f"wrote {written} images to {out} (run {run})"
+        + (f"; dropped {dropped} (minibldm/dropped.jsonl)" if dropped else ""))
     return 0
 
 
@@ -274,23 +295,17 @@ def progress_line(done: int, total: int, seconds: float) -> str:
     return f"{done}/{total} images, {rate:.1f} images/min, about {when} left"
 
 
-def draw_chunk(args, models, cfg: SampleConfig, chunk: list, total: int, text: tuple,
-               adapt_fn, log) -> list[dict]:
-    """Sample and adapt one batch of planned images: chunk holds (n, plan, attempt), attempt 0
-    the first draw of output k and a > 0 its a-th redraw (the same x_OK and M*, new noise).
-    Returns per image its tensors, its manifest record and its preview row."""
+def draw_chunk(args, pipe: Pipeline, run: str, chunk: list, total: int, log) -> list[dict]:
+    """Make one batch of planned images: chunk holds (n, source, plan, attempt), attempt 0 the
+    first draw of output k and a > 0 its a-th redraw (the same x_OK and M*, new noise). Returns
+    per image its result, its manifest record and its preview row."""
     t0 = time.time()
-    cond, uncond, prompt_text = text
-    dev, dt = torch.device(args.device), DTYPES[args.dtype]
-    gens = [torch.Generator(dev).manual_seed(image_seed(args.seed, plan["k"]) + 1 + attempt)
-            for _, plan, attempt in chunk]
-    x_ok = torch.stack([to_tensor(read_image(plan["good"]), plan["mask"].shape[-1])
-                        for _, plan, _ in chunk]).to(dev, dt)
-    mask = torch.stack([plan["mask"][None] for _, plan, _ in chunk]).to(dev, dt)
-    hint = torch.stack([trimap(plan["mask"], plan["fg"]) for _, plan, _ in chunk]).to(dev, dt)
+    seeds = [image_seed(args.seed, plan["k"], src.stream) for _, src, plan, _ in chunk]
+    jobs = [Job(plan["image"], plan["mask"], plan["fg"], src.prompt, s + 1 + attempt)
+            for (_, src, plan, attempt), s in zip(chunk, seeds)]
     which = f"image {chunk[0][0] + 1}" + (f"-{chunk[-1][0] + 1}" if len(chunk) > 1 else "")
     which += f"/{total}"
-    steps, adapt_steps = cfg.stages.steps, cfg.adapt.steps
+    steps, adapt_steps = pipe.cfg.stages.steps, pipe.cfg.adapt.steps
 
     def progress(i, t, z, x0):
         if (i + 1) % 10 == 0 or i + 1 == steps:
@@ -300,61 +315,51 @@ def draw_chunk(args, models, cfg: SampleConfig, chunk: list, total: int, text: t
         if step % 20 == 0 or step == adapt_steps - 1:
             log(f"\r{which}: adaptation {step + 1}/{adapt_steps} loss {loss:.5f}", end="")
 
-    b = len(chunk)
-    res = defect_image(models, x_ok, mask, hint, cond.expand(b, -1, -1), uncond.expand(b, -1, -1),
-                       per_image_noise(gens), cfg, adapt_fn, progress, adapt_progress)
-    before, after = res["before"], res["after"]
-    if args.paste_background:
-        after = paste_background(after, x_ok, mask)
-    seconds, drawn = (time.time() - t0) / b, []
-    for j, (n, plan, attempt) in enumerate(chunk):
-        k, losses, bg = plan["k"], res["losses"][j], 1 - mask[j:j + 1]
-        image, region = to_uint8(after[j]), plan["mask"].numpy() > 0.5
-        record = dict(index=k, seed=args.seed, image_seed=image_seed(args.seed, k),
-                      attempt=attempt, source=str(plan["good"]), placement=plan["info"],
-                      prompt=prompt_text, stages=vars(cfg.stages), adapt_loss_before=losses[0],
-                      adapt_loss_after=losses[-1],
-                      psnr_bg_before=psnr(before[j:j + 1], x_ok[j:j + 1], bg),
-                      psnr_bg_after=psnr(after[j:j + 1], x_ok[j:j + 1], bg),
-                      change_in_mask=round(float(np.abs(image[region].astype(np.float64)
-                                                        - to_uint8(x_ok[j])[region]).mean()), 3),
-                      seconds=round(seconds, 2))
-        drawn.append(dict(n=n, plan=plan, attempt=attempt, image=image, record=record,
-                          row=[x_ok[j], hint[j] * 2 - 1, before[j], after[j],
-                               overlay(after[j], mask[j])]))
+    results = pipe.run(jobs, progress, adapt_progress)
+    seconds, drawn = (time.time() - t0) / len(chunk), []
+    for (n, src, plan, attempt), s, res in zip(chunk, seeds, results):
+        name = f"{run}_{plan['k']:06d}"
+        record = dict(run=run, index=plan["k"], defect=src.folder,
+                      image=f"test/{src.folder}/{name}.png",
+                      mask=f"ground_truth/{src.folder}/{name}_mask.png", seed=args.seed,
+                      image_seed=s, attempt=attempt, source=str(plan["good"]),
+                      placement=plan["info"], **res.record, seconds=round(seconds, 2))
+        good, hint, before, after, mask = res.preview
+        drawn.append(dict(n=n, record=record, result=res,
+                          row=[good, hint, before, after, overlay(after, mask)]))
     return drawn
 
 
-def write_image(args, item: dict, total: int, log) -> None:
-    """One drawn image, its mask and its manifest line (the line last: it marks the image done)."""
-    out, folder, k, record = Path(args.out), args.defect.replace(" ", "_"), item["plan"]["k"], item["record"]
-    save_png(item["image"], out / "test" / folder / f"{k:03d}.png")
-    save_png((item["plan"]["mask"] * 255).byte().numpy(), out / "ground_truth" / folder / f"{k:03d}_mask.png")
-    with (out / "manifest.jsonl").open("a") as f:
+def write_image(out: Path, item: dict, total: int, log) -> None:
+    """One image, its mask and its manifest line (the line last: it marks the image done)."""
+    record, res = item["record"], item["result"]
+    save_png(res.image, out / record["image"])
+    save_png(res.mask, out / record["mask"])
+    with (out / "minibldm" / "manifest.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
     log(f"\rimage {item['n'] + 1}/{total}: done in {record['seconds']:.1f}s, background PSNR "
         f"{record['psnr_bg_before']:.1f} -> {record['psnr_bg_after']:.1f} dB, change in mask "
         f"{record['change_in_mask']:.1f}" + " " * 20)
 
 
-def sample_chunk(args, models, cfg: SampleConfig, chunk: list, total: int, text: tuple,
-                 adapt_fn, log) -> list:
+def sample_chunk(args, pipe: Pipeline, run: str, chunk: list, total: int, log) -> list:
     """Draw one batch, redraw (as a batch) each image that changed less than --min-change inside
     its mask, up to --redraws times; write the images that passed, list the others in
-    OUT/dropped.jsonl. Returns the preview rows of the written images."""
-    todo, rows = [(n, plan, 0) for n, plan in chunk], []
+    OUT/minibldm/dropped.jsonl. Returns the preview rows of the written images."""
+    out = Path(args.out)
+    todo, rows = [(n, src, plan, 0) for n, src, plan in chunk], []
     while todo:
         redo = []
-        for item in draw_chunk(args, models, cfg, todo, total, text, adapt_fn, log):
+        for (n, src, plan, attempt), item in zip(todo, draw_chunk(args, pipe, run, todo, total, log)):
             if item["record"]["change_in_mask"] >= args.min_change:
-                write_image(args, item, total, log)
+                write_image(out, item, total, log)
                 rows.append(item["row"])
-            elif item["attempt"] < args.redraws:
-                redo.append((item["n"], item["plan"], item["attempt"] + 1))
+            elif attempt < args.redraws:
+                redo.append((n, src, plan, attempt + 1))
             else:
-                with (Path(args.out) / "dropped.jsonl").open("a") as f:
+                with (out / "minibldm" / "dropped.jsonl").open("a") as f:
                     f.write(json.dumps(item["record"]) + "\n")
-                log(f"\rimage {item['n'] + 1}/{total}: dropped, its mask changed by "
+                log(f"\rimage {n + 1}/{total}: dropped, its mask changed by "
                     f"{item['record']['change_in_mask']:.1f} < --min-change {args.min_change:g} "
                     f"in {args.redraws + 1} draws" + " " * 20)
         todo = redo

@@ -99,8 +99,11 @@ def split_pairs(category: Category, split: dict, part: str) -> Pairs:
 
 
 def manifest_records(folder: Path) -> list[tuple[int, dict]]:
-    """(line number, record) of each non-empty line of folder/manifest.jsonl."""
-    manifest = folder / "manifest.jsonl"
+    """(line number, record) of each non-empty line of the folder's manifest.jsonl (in
+    minibldm/, or at the top in the layout of minibldm before 2026-12)."""
+    manifest = folder / "minibldm" / "manifest.jsonl"
+    if not manifest.is_file():
+        manifest = folder / "manifest.jsonl"
     if not manifest.is_file():
         raise UsageError(f"--generated {folder}: no manifest.jsonl (needed to check that no "
                          "test image was used); write it with python -m minibldm.sample")

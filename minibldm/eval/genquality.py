@@ -1,8 +1,8 @@
 """python -m minibldm.genquality: how good the generated defect images themselves are.
 
---generated: `python -m minibldm.sample` outputs (OUT/test/<defect>/NNN.png,
-OUT/ground_truth/<defect>/NNN_mask.png, OUT/manifest.jsonl, whose record with "index" NNN names
-the "source" good image: as written, else in --data by its last 3 or 2 path parts). The split
+--generated: `python -m minibldm.sample` outputs (OUT/test/<defect>/<name>.png,
+OUT/ground_truth/<defect>/<name>_mask.png, OUT/minibldm/manifest.jsonl, whose record of each image
+names its "source" good image: as written, else in --data by its last 3 or 2 path parts). The split
 and the held-out guard are minibldm.evaluate's. Per defect type:
 
   background PSNR  of the generated image against its source outside the generated mask, over
@@ -142,18 +142,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def find_source(image: Path, sources: dict, category: Category) -> Path:
-    """The good image a generated image was made from, by sources {(resolved folder, index):
-    the manifest record's "source"}: as written, else in --data by its last 3 or 2 parts."""
-    folder, manifest = image.parents[2], image.parents[2] / "manifest.jsonl"
-    name = sources.get((folder.resolve(), int(image.stem) if image.stem.isdigit() else None))
+    """The good image a generated image was made from, by sources {resolved image path, or
+    (resolved folder, index) in the older layout: the manifest record's "source"}: as written,
+    else in --data by its last 3 or 2 parts."""
+    folder = image.parents[2]
+    name = sources.get(image.resolve()) or sources.get(
+        (folder.resolve(), int(image.stem) if image.stem.isdigit() else None))
     if not isinstance(name, str):
-        raise UsageError(f"--generated {image}: {manifest} has no record with index "
-                         f"{image.stem} naming its source good image")
+        raise UsageError(f"--generated {image}: the manifest of {folder} has no record of it "
+                         "naming its source good image")
     p = Path(name)
     found = [c for c in (p, category.root.joinpath(*p.parts[-3:]),
                          category.root.joinpath(*p.parts[-2:])) if c.is_file()]
     if not found:
-        raise UsageError(f"--generated {manifest}: source {name} of {image.name} is not "
+        raise UsageError(f"--generated {folder}: source {name} of {image.name} is not "
                          f"found (as written, nor in --data {category.root})")
     return found[0]
 
@@ -162,8 +164,12 @@ def read_generated(args, category: Category, split: dict) -> dict[str, list[tupl
     """{type: [(image, mask, source good image)]}, after the held-out guard."""
     folders = [Path(f) for f in args.generated]
     pairs: Pairs = check_generated(folders, category, split)
-    sources = {(folder.resolve(), record.get("index")): record.get("source")
-               for folder in folders for _, record in manifest_records(folder)}
+    sources = {}
+    for folder in folders:
+        for _, record in manifest_records(folder):
+            key = ((folder / record["image"]).resolve() if isinstance(record.get("image"), str)
+                   else (folder.resolve(), record.get("index")))
+            sources[key] = record.get("source")
     out = {}
     for t, items in pairs.items():
         if t not in category.defects:

@@ -1,0 +1,187 @@
+"""`python -m minibldm.sample --data CATEGORY`, full-resolution outputs and `minibldm.Pipeline`,
+on tiny random weights: every trained defect type from the run's split (training masks only),
+the source's size and aspect kept with the background bit-exact away from the defect, the
+Python entry point giving the command's bytes, and bad input on the new paths."""
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_tiny_weights
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from minibldm.commands.data import make_split, read_category
+from minibldm.sample import main
+
+FAST = ["--steps", "4", "--latent-start", "1", "--latent-stop", "3", "--image-start", "3",
+        "--adapt-steps", "2", "--size", "64", "--quiet"]
+
+
+def sample(*args):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, err.getvalue()
+
+
+def manifest(out):
+    return [json.loads(x) for x in (Path(out) / "minibldm" / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A category in the MVTec AD layout (96 x 64 images: not square, not the model's 64) with
+    two defect types of 4 images each, and a "training run" of it: tiny weights whose trimap
+    branch records the types it was trained on, and its split.json (k = 2)."""
+    root = tmp_path_factory.mktemp("cat")
+    cat = root / "tile"
+    rng = np.random.default_rng(0)
+    (cat / "train" / "good").mkdir(parents=True)
+    for i in range(3):
+        img = np.clip(120 + 20 * i + rng.normal(0, 8, (64, 96, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(cat / "train" / "good" / f"{i:03d}.png")
+    for d, (h, w) in {"crack": (3, 20), "hole": (8, 8)}.items():
+        (cat / "test" / d).mkdir(parents=True)
+        (cat / "ground_truth" / d).mkdir(parents=True)
+        for i in range(4):
+            img = np.clip(110 + rng.normal(0, 8, (64, 96, 3)), 0, 255).astype(np.uint8)
+            m = np.zeros((64, 96), np.uint8)
+            y, x = 10 + 8 * i, 10 + 12 * i
+            m[y:y + h, x:x + w] = 255
+            img[m > 0] = 40
+            Image.fromarray(img).save(cat / "test" / d / f"{i:03d}.png")
+            Image.fromarray(m).save(cat / "ground_truth" / d / f"{i:03d}_mask.png")
+    (cat / "meta.json").write_text(json.dumps({"object": "tile", "texture": True,
+                                               "defects": {"hole": "hole", "crack": "crack"}}))
+    run = write_tiny_weights(root / "run")
+    sd = load_file(str(run / "control.safetensors"))
+    save_file(sd, str(run / "control.safetensors"), metadata={
+        "defects": '["crack", "hole"]', "object": "tile",
+        "defect_names": '{"crack": "crack", "hole": "hole"}',
+        "objects": '{"tile": {"crack": "crack", "hole": "hole"}}'})
+    split = make_split(read_category(cat), k=2, seed=0)
+    (run / "split.json").write_text(json.dumps(split))
+    return cat, run, split
+
+
+def test_data_makes_every_trained_type_from_training_masks_only(tmp_path, run_folder):
+    cat, run, split = run_folder
+    out = tmp_path / "out"
+    code, err = sample("--data", cat, "--weights", run, "-n", 3, "--out", out, *FAST)
+    assert code == 0, err
+    records = manifest(out)
+    assert sorted((r["defect"], r["index"]) for r in records) == [
+        ("crack", 0), ("crack", 1), ("crack", 2), ("hole", 0), ("hole", 1), ("hole", 2)]
+    for r in records:
+        rel = Path(r["placement"]["mask_file"]).relative_to(cat).as_posix()
+        stem = rel.replace("ground_truth/", "test/").replace("_mask.png", ".png")
+        assert stem in split["defects"][r["defect"]]["train"]  # never a held-out mask
+        assert r["prompt"] == f"a tile with a {r['defect']}"
+        image, mask = np.asarray(Image.open(out / r["image"])), np.asarray(Image.open(out / r["mask"]))
+        assert image.shape == (64, 96, 3) and mask.shape == (64, 96)  # the source's size
+    # the types' images are not the same draws: their seeds are keyed by the type
+    assert len({r["image_seed"] for r in records}) == 6
+    code, err = sample("--data", cat, "--weights", run, "-n", 1, "--defect", "hole",
+                       "--out", tmp_path / "one", *FAST)
+    assert code == 0, err
+    assert [r["defect"] for r in manifest(tmp_path / "one")] == ["hole"]
+    # a subset of the types is the same run as all of them: the same names and bytes
+    hole = [r for r in records if r["defect"] == "hole" and r["index"] == 0][0]
+    assert (tmp_path / "one" / hole["image"]).read_bytes() == (out / hole["image"]).read_bytes()
+
+
+def test_full_resolution_keeps_the_background_bit_exact(tmp_path, run_folder):
+    """Away from M* grown by the blend's reach (3 model pixels, feathered over as many: 2 x 5 px
+    at 96 / 64 scale), every output pixel is the good image's; the defect region changed."""
+    cat, run, _ = run_folder
+    out = tmp_path / "out"
+    assert sample("--data", cat, "--weights", run, "-n", 2, "--out", out, *FAST)[0] == 0
+    for r in manifest(out):
+        good = np.asarray(Image.open(r["source"]))
+        image = np.asarray(Image.open(out / r["image"]))
+        mask = np.asarray(Image.open(out / r["mask"])) > 127
+        near = np.zeros_like(mask)
+        for y, x in zip(*np.nonzero(mask)):
+            near[max(0, y - 10):y + 11, max(0, x - 10):x + 11] = True
+        assert (image[~near] == good[~near]).all()
+        assert (image[mask] != good[mask]).any()
+        assert r["window"] == [0, 0, 64, 96] and r["size"] == [64, 96]
+
+
+def test_zoom_generates_in_a_window_around_the_mask(tmp_path, run_folder):
+    cat, run, _ = run_folder
+    out = tmp_path / "out"
+    code, err = sample("--data", cat, "--weights", run, "-n", 2, "--zoom", 2, "--out", out, *FAST)
+    assert code == 0, err
+    for r in manifest(out):
+        y, x, h, w = r["window"]
+        mask = np.asarray(Image.open(out / r["mask"])) > 127
+        ys, xs = np.nonzero(mask)
+        assert (h, w) == (32, 48) and y <= ys.min() and ys.max() < y + h and x <= xs.min() and xs.max() < x + w
+        good, image = np.asarray(Image.open(r["source"])), np.asarray(Image.open(out / r["image"]))
+        outside = np.ones(mask.shape, bool)
+        outside[y:y + h, x:x + w] = False
+        assert (image[outside] == good[outside]).all()
+
+
+def test_pipeline_gives_the_command_s_image(tmp_path, run_folder):
+    """minibldm.Pipeline called with the command's source, mask and noise seed makes the same
+    bytes (the command is built on it)."""
+    from minibldm import Pipeline
+    from minibldm.config import AdaptConfig, SampleConfig, Stages
+    cat, run, _ = run_folder
+    out = tmp_path / "out"
+    assert sample("--data", cat, "--weights", run, "-n", 1, "--defect", "crack", "--out", out,
+                  *FAST)[0] == 0
+    r = manifest(out)[0]
+    cfg = SampleConfig(Stages(4, 1, 3, 3), adapt=AdaptConfig(steps=2))
+    pipe = Pipeline.load(run, device="cpu", cfg=cfg, size=64)
+    got = pipe(Image.open(r["source"]), Image.open(out / r["mask"]), "tile", "crack",
+               seed=r["noise_seed"], texture=True)
+    assert (got.image == np.asarray(Image.open(out / r["image"]))).all()
+    assert (got.mask == np.asarray(Image.open(out / r["mask"]))).all()
+    assert got.record["change_in_mask"] == r["change_in_mask"]
+
+
+def bad(tmp_path, run_folder, how):
+    cat, run, split = run_folder
+    args = ["--data", cat, "--weights", run]
+    if how == "no ground_truth":
+        copy = tmp_path / "nogt"
+        shutil.copytree(cat, copy)
+        shutil.rmtree(copy / "ground_truth")
+        args = ["--data", copy, "--weights", run]
+    elif how == "split of another category":
+        other = json.loads(json.dumps(split))
+        other["defects"]["crack"]["train"] = ["test/crack/999.png"]
+        (tmp_path / "split.json").write_text(json.dumps(other))
+        args += ["--split", tmp_path / "split.json"]
+    elif how == "no branch":
+        args = ["--data", cat, "--weights", write_tiny_weights(tmp_path / "w", control=False)]
+    elif how == "untrained defect":
+        args += ["--defect", "dent"]
+    elif how == "with --images":
+        args += ["--images", cat / "train" / "good"]
+    elif how == "no split":
+        w = tmp_path / "w2"
+        shutil.copytree(run, w)
+        (w / "split.json").unlink()
+        args = ["--data", cat, "--weights", w]
+    return args
+
+
+@pytest.mark.parametrize("how,needle", [
+    ("no ground_truth", "ground_truth"), ("split of another category", "another category"),
+    ("no branch", "trimap branch"), ("untrained defect", "--defect dent"),
+    ("with --images", "not with --images"), ("no split", "no split.json"),
+])
+def test_bad_input_on_the_category_path(tmp_path, run_folder, how, needle):
+    out = tmp_path / "out"
+    code, err = sample(*bad(tmp_path, run_folder, how), "-n", 1, "--out", out, *FAST)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not out.exists()
