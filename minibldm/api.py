@@ -14,10 +14,10 @@ Full resolution. The model works at its own size S (config.json's image_size), a
 training resizes each whole image to S x S, so the window the model sees is the whole image
 (`zoom` 1), resized to S x S with its M* and foreground F. Algorithms 1 and 2 run there
 (minibldm/pipeline.defect_image). An S x S image comes back as the method made it. Any other
-size gets the result resized back to the window and blended into the full-resolution good image
-inside M* grown by `margin` model pixels and feathered (pipeline.paste_background at full
-resolution): the defect is the model's, every pixel farther away is the good image's own, bit for
-bit, and the label is M* at full resolution. `zoom` z > 1 generates in a window of 1/z of the
+size gets the model's change (its output minus the window as it saw it) resized back to the window
+and added to the full-resolution good image inside M* grown by `margin` model pixels and
+feathered (blend_back): the defect is the model's on the source's own fine texture, every pixel
+farther away is the good image's own, bit for bit, and the label is M* at full resolution. `zoom` z > 1 generates in a window of 1/z of the
 image's height and width around M* instead (more detail per pixel, at a scale the model saw only
 if it was trained on such crops).
 """
@@ -105,18 +105,24 @@ def window(mask: Tensor, zoom: float, size: int, margin: int = MARGIN) -> tuple[
     return y, x, h, w
 
 
-def blend_back(good: np.ndarray, made: Tensor, mask: Tensor, win: tuple, size: int,
+def blend_back(good: np.ndarray, made: Tensor, seen: Tensor, mask: Tensor, win: tuple, size: int,
                margin: int = MARGIN) -> np.ndarray:
-    """The model's (3, S, S) image in [-1, 1], resized to the window `win` of the full-size good
-    image and blended in inside M* grown by `margin` model pixels and feathered; the good image's
-    own pixels everywhere else."""
+    """The model's change to the window `win` of the full-size good image: `made` minus `seen`
+    (the model's (3, S, S) output and the window as the model saw it, in [-1, 1]), resized to the
+    window and added to the good image inside M* grown by `margin` model pixels and feathered.
+    Adding the change, not pasting the upsampled image, keeps the source's own fine texture
+    under the defect and in the feather (an upsampled patch would be a blurred square, which a
+    detector could learn instead of the defect). The good image's pixels everywhere else."""
     y, x, h, w = win
-    up = F.interpolate(made[None].float(), size=(h, w), mode="bilinear", align_corners=False,
-                       antialias=h < size or w < size)
+
+    def up(t: Tensor) -> Tensor:
+        return F.interpolate(t[None].double(), size=(h, w), mode="bilinear", align_corners=False,
+                             antialias=h < size or w < size)
+
     region = torch.from_numpy(good[y:y + h, x:x + w]).permute(2, 0, 1)[None].double() / 127.5 - 1
     radius = math.ceil(margin * max(h, w) / size)
-    blended = paste_background(up.double(), region, mask[y:y + h, x:x + w][None, None].double(),
-                               radius)
+    blended = paste_background(region + up(made) - up(seen), region,
+                               mask[y:y + h, x:x + w][None, None].double(), radius)
     out = good.copy()
     out[y:y + h, x:x + w] = to_uint8(blended[0])
     return out
@@ -207,7 +213,7 @@ class Pipeline:
             H, W = job.mask.shape
             native = (H, W) == (S, S) and win == (0, 0, S, S)
             image = (to_uint8(after[b]) if native else
-                     blend_back(job.good, after[b].detach().cpu(), job.mask, win, S))
+                     blend_back(job.good, after[b].detach().cpu(), x_ok[b].cpu(), job.mask, win, S))
             region, bg = job.mask.numpy(), 1 - mask[b:b + 1]
             change = np.abs(image[region].astype(np.float64) - job.good[region]).mean()
             losses = res["losses"][b]

@@ -5,6 +5,7 @@ Python entry point giving the command's bytes, and bad input on the new paths.""
 import contextlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -185,3 +186,49 @@ def test_bad_input_on_the_category_path(tmp_path, run_folder, how, needle):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert not out.exists()
+
+
+def test_torchrun_splits_the_images_by_rank_into_one_folder(tmp_path, run_folder):
+    """Two processes under torchrun make the images of one process, into one OUT (masks bit for
+    bit; images up to a level of rounding, as the thread count differs)."""
+    import subprocess
+    import sys
+    cat, run, _ = run_folder
+    args = ["--data", cat, "--weights", run, "-n", 2, *FAST]
+    assert sample(*args, "--out", tmp_path / "one")[0] == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "-m", "minibldm.sample", *map(str, args), "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = {p.relative_to(tmp_path / "one"): p.read_bytes() for p in (tmp_path / "one").rglob("*.png")
+           if "minibldm" not in p.parts}
+    two = {p.relative_to(tmp_path / "two"): p.read_bytes() for p in (tmp_path / "two").rglob("*.png")
+           if "minibldm" not in p.parts}
+    assert len(one) == 8 and sorted(one) == sorted(two)
+    for name in one:  # the same images: each process runs one thread here, so up to rounding
+        a = np.asarray(Image.open(tmp_path / "one" / name), np.int16)
+        b = np.asarray(Image.open(tmp_path / "two" / name), np.int16)
+        assert np.abs(a - b).max() <= 1, name
+    assert len(manifest(tmp_path / "two")) == 4
+
+
+def test_blend_back_adds_the_model_s_change_to_the_source_s_texture():
+    """Where the model changed nothing (its output = the window as it saw it), the full-size
+    output is the source bit for bit, fine texture included, even inside M*; a change the model
+    made comes back at full size inside M* and fades out within the blend's reach."""
+    import torch
+    from minibldm.api import blend_back
+    from minibldm.images import resize_image
+    rng = np.random.default_rng(1)
+    good = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)  # all fine texture
+    seen = torch.from_numpy(resize_image(good, 32).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    mask = torch.zeros(48, 80, dtype=torch.bool)
+    mask[20:26, 30:50] = True
+    assert (blend_back(good, seen, seen, mask, (0, 0, 48, 80), 32) == good).all()
+    darker = seen - 0.5  # the model darkened everything by 64 levels
+    out = blend_back(good, darker, seen, mask, (0, 0, 48, 80), 32).astype(int)
+    inside = (good.astype(int) - out)[mask.numpy()]
+    assert np.abs(inside - np.clip(inside, 0, 64)).max() == 0 and np.median(inside) == 64
+    far = np.ones((48, 80), bool)
+    far[20 - 16:26 + 16, 30 - 16:50 + 16] = False  # 2 x ceil(3 * 80 / 32) = 16 px reach
+    assert (out[far] == good[far]).all()

@@ -23,8 +23,10 @@ tools read, everything else under OUT/minibldm/:
     OUT/minibldm/dropped.jsonl       with --min-change: the images dropped (no defect appeared)
 
 <k> has 6 digits. Image k depends only on (seed, k) (and its defect type with --data), so
-`--first K -n N` shards a job across processes; a rerun with the same settings resumes (the same
-bytes as an uninterrupted run); other settings write beside it under another <run>. Bad input:
+`--first K -n N` shards a job across processes, and under torchrun (`torchrun --nproc_per_node N
+-m minibldm.sample ...`, with --device cuda one GPU each) rank r makes every N-th pending image
+into the same OUT; a rerun with the same settings resumes (the same bytes as an uninterrupted
+run); other settings write beside it under another <run>. Bad input:
 one line on stderr, exit status 2, nothing written. With no arguments: the demo of the bundled
 tiny model (demo.py).
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -250,7 +253,13 @@ def done_images(out: Path, run: str) -> set[tuple[str, int]]:
 def generate(args) -> int:
     """Plan every image (reading all input), then sample the pending ones in batches."""
     cfg = check_args(args)
-    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and args.device == "cuda":  # torchrun: one GPU per process
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    log = (lambda *a, **k: None) if args.quiet else (
+        lambda s, **k: print(("\r" + tag + s[1:]) if s.startswith("\r") else tag + s,
+                             file=sys.stderr, **k))
     pipe = load_pipeline(args, cfg)
     control = Path(args.control) if args.control else Path(args.weights) / "control.safetensors"
     sources = category_sources(args, control) if args.data else hand_wired_sources(args)
@@ -273,13 +282,14 @@ def generate(args) -> int:
         pipe.encode(source.prompt)
     pipe.models.text_encoder = None  # every prompt is encoded: its weights (0.5 GB at SD size) are freed
     rows, start, written = [], time.time(), 0
-    pending = [(n, src, plan) for n, (src, plan) in enumerate(plans) if (src.folder, plan["k"]) not in done]
+    pending = [(n, src, plan) for n, (src, plan) in enumerate(plans)
+               if (src.folder, plan["k"]) not in done][rank::world]  # torchrun: every world-th
     for c in range(0, len(pending), args.batch_size):
         chunk = pending[c:c + args.batch_size]
         new = sample_chunk(args, pipe, run, chunk, len(plans), log)
         written, rows = written + len(new), (rows + new)[:PREVIEW_ROWS]  # keep what is drawn
         log(progress_line(c + len(chunk), len(pending), time.time() - start))
-    if rows:
+    if rows and rank == 0:
         contact_sheet(rows, out / "minibldm" / f"preview_{run}.png")
     dropped = len(pending) - written
     log(f"wrote {written} images to {out} (run {run})"
