@@ -151,6 +151,14 @@ class Stages:
             raise ValueError(f"stage lengths must be >= 0 and not all 0: {free}, {latent}, {image}")
         return Stages(free + latent + image, free, free + latent, free + latent)
 
+    @staticmethod
+    def scaled(steps: int) -> "Stages":
+        """The reference code's boundaries (26, 46, 45 of 50) at the same fractions of `steps`,
+        rounded: what `sample --ddim-steps N` uses unless a boundary is given."""
+        ref = Stages()
+        return Stages(steps, *(round(b * steps / ref.steps)
+                               for b in (ref.latent_start, ref.latent_stop, ref.image_start)))
+
     def edits_latent(self, i: int) -> bool:
         return self.latent_start <= i < self.latent_stop
 

@@ -125,7 +125,7 @@ def test_batched_adaptation_on_cuda_matches_one_at_a_time():
         assert np.allclose(losses[i], ref_losses[i], rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("extra", [["--dtype", "float16"], ["--batch-size", "2", "--compile"]])
+@pytest.mark.parametrize("extra", [["--precision", "float16"], ["--batch-size", "2", "--compile"]])
 def test_sample_on_cuda_is_close_to_cpu(tmp_path, inputs, extra):  # noqa: F811
     """The command end to end on the GPU: same files as on the CPU, and the images within a few
     levels of 255 (float16, or batching plus compiled kernels, change only rounding)."""

@@ -37,7 +37,7 @@ def test_command_resumes_and_writes_table_and_curves(tmp_path, monkeypatch):
 
     def fake_call(cmd, stdout=None):  # evaluate: a loss that halves up to 1000 steps, then flat
         calls.append(cmd)
-        steps = int(cmd[cmd.index("--steps") + 1])
+        steps = int(cmd[cmd.index("--detector-steps") + 1])
         final = 1.0 if steps < 1000 else 0.5
         Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({
             "loss_curve": [1.0] * 40 + [final] * 10, "wall_seconds": 1.0,

@@ -19,7 +19,7 @@ from minibldm.eval import baselines, metrics
 from minibldm.eval.evaluate import METRICS, defect_source, main
 
 K = 2
-FAST = ["--k", str(K), "--steps", "3", "--size", "64", "--batch-size", "4"]
+FAST = ["--k", str(K), "--detector-steps", "3", "--size", "64", "--batch-size", "4"]
 
 
 # ---- metrics --------------------------------------------------------------------------------
@@ -292,20 +292,20 @@ def test_split_file_gives_k_and_seed_and_overlap_is_refused(tmp_path, data):
     (tmp_path / "run").mkdir()
     load_or_make_split(tmp_path / "run" / "split.json", read_category(data), 3, 5)
     r = run("--data", data, "--method", "real-only", "--split", tmp_path / "run" / "split.json",
-            "--steps", "1", "--size", "64", "--out", tmp_path / "run" / "r.json")
+            "--detector-steps", "1", "--size", "64", "--out", tmp_path / "run" / "r.json")
     assert r.code == 0, r.stderr
     res = json.loads((tmp_path / "run" / "r.json").read_text())
     assert (res["settings"]["k"], res["settings"]["seed"]) == (3, 5)
     assert res["split"]["train"] == {"crack": 3, "scratch": 3, "spot": 3}
     # --seed with --split seeds the detector only: the split stays the file's
     r = run("--data", data, "--method", "real-only", "--split", tmp_path / "run" / "split.json",
-            "--seed", "7", "--steps", "1", "--size", "64", "--out", tmp_path / "run" / "r7.json")
+            "--seed", "7", "--detector-steps", "1", "--size", "64", "--out", tmp_path / "run" / "r7.json")
     assert r.code == 0, r.stderr
     res7 = json.loads((tmp_path / "run" / "r7.json").read_text())
     assert (res7["settings"]["seed"], res7["settings"]["split_seed"]) == (7, 5)
     assert res7["split"] == res["split"]
     r = run("--data", data, "--method", "real-only", "--split", tmp_path / "run" / "split.json",
-            "--k", "4", "--steps", "1", "--size", "64", "--out", tmp_path / "run" / "r4.json")
+            "--k", "4", "--detector-steps", "1", "--size", "64", "--out", tmp_path / "run" / "r4.json")
     assert r.code == 2 and "--k 4" in r.stderr and "k=3" in r.stderr
     assert not (tmp_path / "run" / "r4.json").exists()
 
@@ -313,7 +313,7 @@ def test_split_file_gives_k_and_seed_and_overlap_is_refused(tmp_path, data):
     split["defects"]["spot"]["train"].append(split["defects"]["spot"]["test"][0])
     (tmp_path / "split.json").write_text(json.dumps(split))
     r = run("--data", data, "--method", "real-only", "--split", tmp_path / "split.json",
-            "--steps", "2", "--size", "64", "--out", tmp_path / "r.json")
+            "--detector-steps", "2", "--size", "64", "--out", tmp_path / "r.json")
     assert r.code == 2 and "--split" in r.stderr and "both train and test" in r.stderr
     assert not (tmp_path / "r.json").exists()
 

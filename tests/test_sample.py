@@ -16,7 +16,7 @@ from PIL import Image
 
 from minibldm.sample import main
 
-FAST = ["--steps", "4", "--latent-start", "1", "--latent-stop", "3", "--image-start", "3",
+FAST = ["--ddim-steps", "4", "--latent-start", "1", "--latent-stop", "3", "--image-start", "3",
         "--adapt-steps", "3", "--size", "64", "--quiet"]
 
 
@@ -237,7 +237,7 @@ def test_no_arguments_without_bundled_weights_says_what_it_needs(tmp_path, monke
 
 
 def test_bfloat16_runs(tmp_path, inputs):
-    r = run(inputs, tmp_path / "out", "--dtype", "bfloat16", n="1")
+    r = run(inputs, tmp_path / "out", "--precision", "bfloat16", n="1")
     assert r.returncode == 0, r.stderr
     assert len(files(tmp_path / "out")) == 2
 
@@ -314,7 +314,7 @@ def test_bulk_is_no_adaptation_plus_paste_in_batches(tmp_path, inputs):
     rate and time left, and refuses another adaptation length."""
     root, weights = inputs
     base = ["--weights", weights, "--images", root / "good", "--defect-masks", root / "masks",
-            "--object", "tile", "--defect", "crack", "-n", "3", "--steps", "4",
+            "--object", "tile", "--defect", "crack", "-n", "3", "--ddim-steps", "4",
             "--latent-start", "1", "--latent-stop", "3", "--image-start", "3", "--size", "64"]
 
     def call(out, *extra):

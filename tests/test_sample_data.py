@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from minibldm.commands.data import make_split, read_category
 from minibldm.sample import main
 
-FAST = ["--steps", "4", "--latent-start", "1", "--latent-stop", "3", "--image-start", "3",
+FAST = ["--ddim-steps", "4", "--latent-start", "1", "--latent-stop", "3", "--image-start", "3",
         "--adapt-steps", "2", "--size", "64", "--quiet"]
 
 
@@ -232,3 +232,17 @@ def test_blend_back_adds_the_model_s_change_to_the_source_s_texture():
     far = np.ones((48, 80), bool)
     far[20 - 16:26 + 16, 30 - 16:50 + 16] = False  # 2 x ceil(3 * 80 / 32) = 16 px reach
     assert (out[far] == good[far]).all()
+
+
+def test_a_rank_that_starts_late_still_makes_its_own_images(tmp_path, run_folder, monkeypatch):
+    """Ranks split the images by their place in the whole plan, not in what is still pending:
+    rank 1 starting after rank 0 finished (so reading rank 0's images as done) makes its own."""
+    cat, run, _ = run_folder
+    args = ["--data", cat, "--weights", run, "-n", 2, *FAST]
+    assert sample(*args, "--out", tmp_path / "one")[0] == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert sample(*args, "--out", tmp_path / "two")[0] == 0
+    key = sorted((r["defect"], r["index"]) for r in manifest(tmp_path / "one"))
+    assert sorted((r["defect"], r["index"]) for r in manifest(tmp_path / "two")) == key

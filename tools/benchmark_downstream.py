@@ -158,7 +158,7 @@ def evaluate(data: Path, split_file: Path, generated: list, out: Path, steps: in
         if not result.is_file():
             extra = ["--generated", *generated] if method in GENERATED else []
             run([sys.executable, "-m", "minibldm.evaluate", "--data", data, "--texture",
-                 "--method", method, "--split", split_file, "--seed", seed, "--steps", steps,
+                 "--method", method, "--split", split_file, "--seed", seed, "--detector-steps", steps,
                  "--device", device, "--out", result, *extra], log)
         results[label] = json.loads(result.read_text())
     return results

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
             if not out.is_file():
                 cmd = [sys.executable, "-m", "minibldm.evaluate", "--data", args.data,
                        "--texture", "--method", method, "--k", "10", "--seed", str(args.seed),
-                       "--steps", str(length), "--size", str(args.size), "--out", str(out)]
+                       "--detector-steps", str(length), "--size", str(args.size), "--out", str(out)]
                 print("$ " + " ".join(cmd), flush=True)
                 t0 = time.time()
                 if subprocess.call(cmd, stdout=subprocess.DEVNULL):

@@ -47,16 +47,21 @@ from ..config import LATENT_MASKS, AdaptConfig, SampleConfig, Stages
 from ..images import DataError, save_png, to_uint8
 from ..io import WeightsError, write_text_atomic
 from ..pipeline import image_seed
-from .common import Parser, UsageError
+from .common import PRECISIONS, Parser, UsageError, default_device
 from .sampleplan import category_sources, check_control_names, hand_wired_sources, plan_source
 
 KNOBS = SampleConfig()  # the method's knobs with their defaults, from minibldm/config.py
 PREVIEW_ROWS = 8  # images drawn in preview.png
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv):
-    p = Parser(prog="python -m minibldm.sample", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m minibldm.sample", description=__doc__.split("\n\n")[0],
+               renamed={"--steps": "--ddim-steps", "--dtype": "--precision"}, examples="""\
+  python -m minibldm.sample                      # the demo of the bundled tiny model
+  python -m minibldm.sample --data data/magnetic_tile --weights runs/tile -n 200 --out generated
+  python -m minibldm.sample --data data/magnetic_tile --weights runs/tile -n 1000 --bulk --out big
+  python -m minibldm.sample --images good/ --defect-masks masks/ --texture --object tile \\
+      --defect crack -n 10 --out generated""")
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="minibldm weights folder or training run (default: the bundled tiny model)")
     io.add_argument("--control", help="control.safetensors of a training run, when --weights has none")
@@ -92,9 +97,10 @@ def parse_args(argv):
     run("--compile", action="store_true", help="torch.compile the UNet, the trimap branch (on a "
         "CPU frozen into the graph: a second copy of their weights, +4.7 GiB for SD 1.5 float32) "
         "and decoder adaptation (at --batch-size 1); the first image compiles, minutes on a CPU")
-    run("--device", default="cpu", help="cpu or cuda")
-    run("--dtype", default="float32", choices=sorted(DTYPES), help="the networks' dtype; the "
-        "decoder adaptation trains a float32 copy under autocast to it (default float32)")
+    run("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: cuda when "
+        "available, else cpu)")
+    run("--precision", default="float32", choices=list(PRECISIONS), help="the networks' dtype; "
+        "the decoder adaptation trains a float32 copy under autocast to it")
     run("--reference", action="store_true", help="run the pure reference path (minibldm/adapt.py's "
         "loop, no CPU routes); the same images up to float rounding, slower")
     run("--quiet", action="store_true")
@@ -105,15 +111,16 @@ def add_method_args(add) -> None:
     """The knobs of Algorithms 1 and 2, their defaults read from config.SampleConfig."""
     S, A = KNOBS.stages, KNOBS.adapt
     add("--size", type=int, help="image size the model works at (default: the weights' or 256)")
-    add("--steps", type=int, default=S.steps, help="DDIM steps N (reference: %(default)s)")
-    add("--latent-start", type=int, default=S.latent_start,
-        help="first latent-editing step (reference: %(default)s)")
-    add("--latent-stop", type=int, default=S.latent_stop,
-        help="latent editing before this step (reference: %(default)s)")
-    add("--image-start", type=int, default=S.image_start,
-        help="first image-editing step (reference: %(default)s)")
+    add("--ddim-steps", type=int, metavar="N", help=f"DDIM steps (default: the reference "
+        f"code's {S.steps}); the stage boundaries below scale with it unless given")
+    add("--latent-start", type=int, help="first latent-editing step (default: the reference's "
+        f"{S.latent_start} of {S.steps}, scaled to --ddim-steps)")
+    add("--latent-stop", type=int, help="latent editing before this step (default: the "
+        f"reference's {S.latent_stop} of {S.steps}, scaled)")
+    add("--image-start", type=int, help="first image-editing step (default: the reference's "
+        f"{S.image_start} of {S.steps}, scaled)")
     add("--stage-lengths", type=int, nargs=3, metavar=("FREE", "LATENT", "IMAGE"),
-        help="consecutive stage lengths instead; the paper's are 50 30 5")
+        help="consecutive stage lengths instead of the four flags above (the paper's: 50 30 5)")
     add("--latent-mask", choices=LATENT_MASKS, default=KNOBS.latent_mask,
         help="how M* shrinks to the latent grid: nearest (reference code) or cover (every latent "
              "cell the mask touches; keeps defects thinner than 8 px)")
@@ -188,9 +195,19 @@ def check_args(args) -> SampleConfig:
         raise UsageError(f"--device {args.device}: CUDA is not available here")
     if args.reference and (args.compile or args.adapt_blocks is not None):
         raise UsageError("--reference runs the reference path: not with --compile or --adapt-blocks")
+    given = {"--ddim-steps": args.ddim_steps, "--latent-start": args.latent_start,
+             "--latent-stop": args.latent_stop, "--image-start": args.image_start}
+    given = {flag: v for flag, v in given.items() if v is not None}
+    if args.stage_lengths and given:
+        raise UsageError(f"--stage-lengths sets every stage: not with {next(iter(given))}")
     try:
-        stages = (Stages.from_lengths(*args.stage_lengths) if args.stage_lengths
-                  else Stages(args.steps, args.latent_start, args.latent_stop, args.image_start))
+        if args.stage_lengths:
+            stages = Stages.from_lengths(*args.stage_lengths)
+        else:
+            base = Stages.scaled(args.ddim_steps if args.ddim_steps is not None else KNOBS.stages.steps)
+            stages = Stages(base.steps, *(b if v is None else v for b, v in (
+                (base.latent_start, args.latent_start), (base.latent_stop, args.latent_stop),
+                (base.image_start, args.image_start))))
         return SampleConfig(stages, args.guidance, args.eta, args.latent_mask,
                             AdaptConfig(args.adapt_steps, args.adapt_lr, args.fg_weight,
                                         args.bg_weight))
@@ -203,7 +220,7 @@ def run_settings(args, stages: Stages, size: int) -> dict:
     --data, the batch size or the device). The same settings resume a run in OUT; others start a
     new one beside it."""
     keys = ["weights", "control", "seed", "guidance", "eta", "translate_only", "adapt_steps",
-            "adapt_lr", "adapt_blocks", "bg_weight", "fg_weight", "paste_background", "dtype",
+            "adapt_lr", "adapt_blocks", "bg_weight", "fg_weight", "paste_background", "precision",
             "latent_mask", "min_change", "redraws", "zoom"]
     keys += (["data", "split", "texture", "object"] if args.data else
              ["images", "defect_masks", "exact_masks", "good", "foreground", "texture", "object",
@@ -229,7 +246,7 @@ def load_pipeline(args, cfg: SampleConfig) -> Pipeline:
     """minibldm.Pipeline on the weights and their trimap branch (or --control's)."""
     try:
         return Pipeline.load(args.weights, control=args.control, device=args.device,
-                             dtype=DTYPES[args.dtype], cfg=cfg, size=args.size,
+                             dtype=PRECISIONS[args.precision], cfg=cfg, size=args.size,
                              reference=args.reference, compile=args.compile,
                              adapt_blocks=args.adapt_blocks,
                              paste_background=args.paste_background, zoom=args.zoom)
@@ -282,8 +299,9 @@ def generate(args) -> int:
         pipe.encode(source.prompt)
     pipe.models.text_encoder = None  # every prompt is encoded: its weights (0.5 GB at SD size) are freed
     rows, start, written = [], time.time(), 0
-    pending = [(n, src, plan) for n, (src, plan) in enumerate(plans)
-               if (src.folder, plan["k"]) not in done][rank::world]  # torchrun: every world-th
+    pending = [(n, src, plan) for n, (src, plan) in enumerate(plans)  # torchrun: every world-th
+               if n % world == rank and (src.folder, plan["k"]) not in done]  # of all, not of the
+    # pending: another rank may have written some already when this one reads the manifest
     for c in range(0, len(pending), args.batch_size):
         chunk = pending[c:c + args.batch_size]
         new = sample_chunk(args, pipe, run, chunk, len(plans), log)

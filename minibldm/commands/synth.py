@@ -19,7 +19,6 @@ make_good's scene and changes only the pixels inside its mask.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..images import save_png
+from .common import Parser, UsageError
 
 CATEGORIES = {  # category folder -> meta.json: prompt words, texture or object, defect folders
     "fabric": {"object": "woven fabric", "texture": True,
@@ -358,8 +358,8 @@ def write_dataset(out, per_class: int = 200, seed: int = 0, size: int = 256, cat
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minibldm.synth", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m minibldm.synth", description=__doc__.split("\n\n")[0],
+               examples="  python -m minibldm.synth data/synth --per-class 200 --size 128")
     p.add_argument("out", help="dataset folder to write (created if missing)")
     p.add_argument("--per-class", type=int, default=200, help="train/good images per category")
     p.add_argument("--test-good", type=int, default=20, help="test/good images per category")
@@ -368,10 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--categories", nargs="+", default=list(CATEGORIES), metavar="NAME",
                    help=f"subset of: {' '.join(CATEGORIES)}")
-    a = p.parse_args(argv)
     try:
+        a = p.parse_args(argv)
         write_dataset(a.out, a.per_class, a.seed, a.size, a.categories, a.test_good, a.test_per_defect)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, UsageError) as e:
         print(f"python -m minibldm.synth: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -70,6 +70,7 @@ from ..config import PRESETS, ModelConfig
 from ..images import DataError
 from ..io import WeightsError
 from ..weights import FILES
+from .common import PRECISIONS, Parser, UsageError
 from .losses import StepLoss
 from .runfolder import (CHECKPOINT, TrainError, check_resumable, control_metadata,
                         draw_loss_curve, load_checkpoint, read_checkpoint_state, read_loss_log,
@@ -81,7 +82,6 @@ from .trainsamples import StepBatches, all_prompts, collate, make_dataset, read_
 STAGES = ("control", "unet", "text", "autoencoder")
 DEFAULT_LR = {"control": 1e-5, "unet": 1e-5, "text": 1e-4, "autoencoder": 1e-4}
 PROG = "python -m minibldm.train"
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}  # --autocast
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,8 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pointer = next(line for line in __doc__.splitlines() if "runfolder.py" in line)
     epilog = __doc__[__doc__.index("Stages"):].replace(
         pointer, runfolder.__doc__.split("\n\n", 1)[1].rstrip("\n"))
-    p = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description=__doc__.split("\n\n")[0], epilog=epilog)
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=epilog,
+               renamed={"--autocast": "--precision (float32, bfloat16, float16)"}, examples="""\
+  python -m minibldm.train --stage control --weights weights/sd15 --data data/magnetic_tile \\
+      --texture --out runs/tile --steps 20000 --batch-size 4
+  torchrun --nproc_per_node 4 -m minibldm.train --stage control --weights weights/sd15 \\
+      --data data/magnetic_tile --out runs/tile --precision bfloat16""")
     p.add_argument("--stage", required=True, choices=STAGES, help="what to train (see below)")
     p.add_argument("--weights", help="weights folder to start from (may be partial)")
     p.add_argument("--config", help="model config for networks --weights lacks: a JSON file or a "
@@ -134,7 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write checkpoint.safetensors every K steps (and at the end)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute block activations in the backward pass (saves memory)")
-    p.add_argument("--autocast", choices=("bf16", "fp16"), help="mixed precision (GPU); default float32")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="float32",
+                   help="the forward passes' precision: float32, or autocast to bfloat16 or "
+                   "float16 (a GPU's; float16 with a gradient scaler)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader processes")
     p.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
     args = p.parse_args(argv)
@@ -228,7 +234,7 @@ class Optimizer:
                              for k, p in net.named_parameters()]
         self.adamw = torch.optim.AdamW([p for _, p in self.named_params], lr=args.lr,
                                        betas=tuple(args.betas), weight_decay=args.weight_decay)
-        self.scaler = torch.amp.GradScaler(run.device.type, enabled=args.autocast == "fp16")
+        self.scaler = torch.amp.GradScaler(run.device.type, enabled=args.precision == "float16")
 
     def step(self, loss: torch.Tensor) -> None:
         self.adamw.zero_grad(set_to_none=True)
@@ -267,8 +273,8 @@ def run_steps(run: Run, dataset, step_loss: StepLoss, optimizer: Optimizer, star
     batches = StepBatches(start, args.steps, args.batch_size, rank, world)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                          num_workers=args.num_workers)
-    dtype = AUTOCAST[args.autocast]
-    autocast = torch.autocast(run.device.type, dtype=dtype, enabled=dtype is not None)
+    dtype = PRECISIONS[args.precision]
+    autocast = torch.autocast(run.device.type, dtype=dtype, enabled=dtype != torch.float32)
     progress, last_checkpoint = Progress(start, args.steps, args.log_every, run.log), start or None
     run.log(f"{args.stage} stage: {', '.join(run.trained)} "
             f"({sum(p.numel() for _, p in optimizer.named_params) / 1e6:.2f}M parameters), "
@@ -356,10 +362,10 @@ def train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         return train(args)
-    except (TrainError, DataError, WeightsError) as e:
+    except (TrainError, DataError, WeightsError, UsageError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

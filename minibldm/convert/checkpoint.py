@@ -19,7 +19,6 @@ Errors are one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import convert
+from ..commands.common import Parser
 from ..config import UNetConfig
 from ..io import WeightsError, check_state_dict, read_checkpoint, read_json
 from ..tokenizer import Tokenizer
@@ -182,13 +182,12 @@ def convert_weights(args) -> list[str]:
     return sorted(parts)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise WeightsError(message)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m minibldm.convert", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m minibldm.convert", description=__doc__.split("\n\n")[0],
+               error=WeightsError, examples="""\
+  python -m minibldm.convert v1-5-pruned.safetensors weights/sd15 \\
+      --vocab ../shared/clip/bpe_simple_vocab_16e6.txt.gz
+  python -m minibldm.convert stable-diffusion-v1-5/ weights/sd15 --control adabldm_tile.ckpt""")
     add = p.add_argument
     add("src", help="CompVis/LDM checkpoint (.ckpt/.safetensors) or diffusers pipeline folder")
     add("out_dir", help="minibldm weights folder to write")

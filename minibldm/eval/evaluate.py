@@ -43,7 +43,7 @@ import torch
 from . import baselines, detector, metrics
 from .common import (check_args, check_generated, data_errors_as, read_data, run_command,
                      split_pairs, table)
-from ..commands.common import Parser, UsageError
+from ..commands.common import Parser, UsageError, default_device
 from ..commands.data import Category, DecodedImages, PairDataset
 
 METHODS = ("minibldm", "minibldm+real", "crop-paste", "perlin", "real-only")
@@ -54,8 +54,12 @@ PROG = "python -m minibldm.evaluate"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = Parser(prog=PROG, description=__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, renamed={"--steps": "--detector-steps"},
+               examples="""\
+  python -m minibldm.evaluate --data data/magnetic_tile --texture --method crop-paste \\
+      --split runs/tile/split.json --out results/crop-paste.json
+  python -m minibldm.evaluate --data data/magnetic_tile --texture --method minibldm+real \\
+      --split runs/tile/split.json --generated generated --out results/minibldm+real.json""")
     add = p.add_argument
     add("--data", required=True, metavar="DIR", help="category folder (MVTec AD layout)")
     add("--method", required=True, choices=METHODS, help="source of training defects")
@@ -64,16 +68,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--seed", type=int, help="split and detector seed (default 0); with --split, the "
         "detector's seed only (default the split's)")
     add("--split", metavar="FILE", help="a training run's split.json (its k and seed are used)")
-    add("--steps", type=int, default=4000, metavar="N", help="detector training steps (4000: "
-        "the longest tools/detector_lengths.py tried; about 25 min at 128 px on 2 CPU cores)")
+    add("--detector-steps", type=int, default=4000, metavar="N", help="detector training steps "
+        "(default 4000: the longest tools/detector_lengths.py tried; about 25 min at 128 px on 2 "
+        "CPU cores)")
     add("--size", type=int, default=128, metavar="S", help="image side, a multiple of 8 (128)")
     add("--batch-size", type=int, default=8, metavar="B", help="half good, half defects (8)")
     add("--lr", type=float, default=2e-3, help="Adam learning rate (2e-3)")
     add("--texture", action="store_true", help="a surface: the foreground is the whole image")
-    add("--device", default="cpu", help="cpu or cuda (cpu)")
+    add("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: cuda when "
+        "available, else cpu)")
     add("--out", metavar="RESULT.json", help="the JSON to write; the table goes to RESULT.md")
     args = p.parse_args(argv)
-    check_args(args, {"k": 1, "seed": 0, "steps": 1, "size": 16, "batch_size": 2})
+    check_args(args, {"k": 1, "seed": 0, "detector_steps": 1, "size": 16, "batch_size": 2})
     if args.method in GENERATED and not args.generated:
         raise UsageError(f"--generated DIR is required with --method {args.method}")
     if args.generated and args.method not in GENERATED:
@@ -197,7 +203,7 @@ def train_and_score(args, batches, test_images: dict, test_masks: dict, good_ima
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             net = detector.SegNet().to(args.device)
-        losses = detector.train(net, batches, args.steps, lr=args.lr, device=args.device, log=log)
+        losses = detector.train(net, batches, args.detector_steps, lr=args.lr, device=args.device, log=log)
         log(f"scoring {sum(len(v) for v in test_images.values()) + len(good_images)} test images")
         good_maps = maps(good_images)
         good_scores = detector.image_scores(good_maps)
@@ -228,7 +234,7 @@ def evaluate(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> d
                                            test_images, test_masks, good_images, log)
     settings = {"method": args.method, "data": str(args.data), "generated": args.generated,
                 "split": args.split, "k": args.k, "seed": args.seed, "split_seed": args.split_seed,
-                "steps": args.steps, "size": args.size, "batch_size": args.batch_size,
+                "steps": args.detector_steps, "size": args.size, "batch_size": args.batch_size,
                 "lr": args.lr, "texture": category.texture, "device": args.device,
                 "torch": torch.__version__}
     return {"settings": settings, "per_type": per_type,

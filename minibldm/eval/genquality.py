@@ -50,7 +50,7 @@ import torch
 from .common import (Pairs, check_args, check_generated, data_errors_as, manifest_records,
                      read_data, run_command, split_pairs, table)
 from .literature import literature
-from ..commands.common import Parser, UsageError
+from ..commands.common import Parser, UsageError, default_device
 from ..commands.data import Category
 from ..images import read_image, read_mask, resize_image
 from ..pipeline import psnr
@@ -123,8 +123,9 @@ def figures(values: dict) -> dict:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = Parser(prog=PROG, description=__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, examples="""\
+  python -m minibldm.genquality --generated generated --data data/magnetic_tile --texture \\
+      --split runs/tile/split.json --out results/genquality.json""")
     add = p.add_argument
     add("--generated", nargs="+", required=True, metavar="DIR", help="minibldm.sample outputs")
     add("--data", required=True, metavar="DIR", help="the category (MVTec AD or plain layout)")
@@ -134,7 +135,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--cluster-cap", type=int, default=50, metavar="N",
         help="IC-LPIPS: members per cluster used, the first N (50)")
     add("--texture", action="store_true", help="a surface (recorded; no figure depends on it)")
-    add("--device", default="cpu", help="cpu or cuda, for IS, KID and IC-LPIPS (cpu)")
+    add("--device", default=default_device(), help="cpu, cuda, ... for IS, KID and IC-LPIPS "
+        "(default: cuda when available, else cpu)")
     add("--out", metavar="RESULT.json", help="the JSON to write; the table goes to RESULT.md")
     args = p.parse_args(argv)
     check_args(args, {"k": 1, "seed": 0, "cluster_cap": 2})

@@ -1,0 +1,122 @@
+"""The command line without traps: one meaning per flag name, stage boundaries that follow
+--ddim-steps, conflicting flags refused in one line, defaults and an example in every --help, the
+same device and precision flags everywhere, and one line for a bad flag in every command."""
+import importlib
+from types import SimpleNamespace
+
+import pytest
+
+from minibldm.commands.common import UsageError
+from minibldm.config import Stages
+
+COMMANDS = {"sample": "minibldm.commands.sample", "train": "minibldm.commands.train",
+            "evaluate": "minibldm.eval.evaluate", "genquality": "minibldm.eval.genquality",
+            "synth": "minibldm.commands.synth", "convert": "minibldm.convert.checkpoint"}
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_shows_defaults_and_an_example(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(COMMANDS[name]).main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and f"python -m minibldm.{name}" in text.split("examples:")[1]
+    assert "default" in text
+
+
+REQUIRED = {"sample": [], "train": ["--stage", "control", "--data", "d", "--out", "o"],
+            "evaluate": ["--data", "d", "--method", "real-only"],
+            "genquality": ["--generated", "g", "--data", "d"], "synth": ["out"],
+            "convert": ["src", "out"]}
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_a_bad_flag_is_one_line_and_status_2(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert importlib.import_module(COMMANDS[name]).main(REQUIRED[name] + ["--no-such-flag"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--no-such-flag" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name,old,new", [
+    ("sample", "--steps", "--ddim-steps"), ("sample", "--dtype", "--precision"),
+    ("evaluate", "--steps", "--detector-steps"), ("train", "--autocast", "--precision")])
+def test_a_renamed_flag_says_its_new_name(name, old, new, capsys):
+    assert importlib.import_module(COMMANDS[name]).main([old, "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{old} is now {new}" in err[0], err
+
+
+def sample_stages(*argv):
+    from minibldm.commands import sample
+    args = sample.parse_args(["--images", "x", "--defect-masks", "y", "--object", "o",
+                              "--defect", "d", "-n", "1", "--out", "o", *argv])
+    return sample.check_args(args).stages
+
+
+def test_stage_boundaries_follow_ddim_steps():
+    assert sample_stages() == Stages()  # the reference code's 50 / 26 / 46 / 45
+    assert sample_stages("--ddim-steps", "25") == Stages(25, 13, 23, 22)  # the same fractions
+    assert sample_stages("--ddim-steps", "100") == Stages(100, 52, 92, 90)
+    assert sample_stages("--ddim-steps", "25", "--image-start", "24") == Stages(25, 13, 23, 24)
+    assert sample_stages("--stage-lengths", "50", "30", "5") == Stages.from_lengths(50, 30, 5)
+
+
+@pytest.mark.parametrize("flag", [["--ddim-steps", "50"], ["--latent-start", "3"],
+                                  ["--image-start", "40"]])
+def test_stage_lengths_refuses_the_flags_it_overrides(flag):
+    with pytest.raises(UsageError, match=f"--stage-lengths sets every stage: not with {flag[0]}"):
+        sample_stages("--stage-lengths", "50", "30", "5", *flag)
+
+
+def parser_of(module, argv):
+    """The Parser a command's parse_args builds, caught as it parses argv."""
+    from minibldm.commands.common import Parser
+    caught, real = {}, Parser.parse_args
+
+    def grab(self, *a, **k):
+        caught["p"] = self
+        return real(self, *a, **k)
+    Parser.parse_args = grab
+    try:
+        module.parse_args(argv)
+    except UsageError:  # the checks after parsing (folders that do not exist here)
+        pass
+    finally:
+        Parser.parse_args = real
+    return caught["p"]
+
+
+def flags(parser) -> dict:
+    return {s: a for a in parser._actions for s in a.option_strings}
+
+
+def test_device_and_precision_flags_are_the_same_everywhere(monkeypatch):
+    import torch
+    from minibldm.commands import common, sample, train
+    from minibldm.eval import evaluate
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert common.default_device() == "cuda"
+    assert sample.parse_args([]).device == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert common.default_device() == "cpu"
+    assert sample.parse_args([]).device == "cpu"
+    train_argv = ["--stage", "control", "--data", "d", "--out", "o"]
+    precision = [flags(parser_of(m, argv))["--precision"].choices
+                 for m, argv in ((sample, []), (train, train_argv))]
+    assert precision[0] == precision[1] == ["float32", "bfloat16", "float16"]
+    e = parser_of(evaluate, ["--data", "d", "--method", "real-only"])
+    assert flags(e)["--device"].default == "cpu"
+
+
+def test_steps_is_train_s_alone():
+    """--steps counts optimizer steps in train; the sampler's are --ddim-steps, the detector's
+    --detector-steps."""
+    from minibldm.commands import sample, train
+    from minibldm.eval import evaluate
+    s = flags(parser_of(sample, []))
+    t = flags(parser_of(train, ["--stage", "control", "--data", "d", "--out", "o"]))
+    e = flags(parser_of(evaluate, ["--data", "d", "--method", "real-only"]))
+    assert "--steps" in t and "--steps" not in s and "--steps" not in e
+    assert "--ddim-steps" in s and "--detector-steps" in e
