@@ -53,7 +53,9 @@ from pathlib import Path
 
 import torch
 
+from minibldm.commands.data import make_split, read_category
 from minibldm.eval.evaluate import GENERATED  # the methods that read the generated images
+from minibldm.io import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("real-only", "crop-paste", "perlin", "minibldm", "minibldm+real")  # table order
@@ -223,6 +225,10 @@ def parse_args(argv) -> argparse.Namespace:
                    help="the sampler's --fg-weight (default 1, its default). Another value gets "
                    "its own generated_fgW folders, result files and summary_fgW files beside the "
                    "default's, and reuses the seeds' generators and baseline detectors")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="only the methods without generated images (real-only, crop-paste, "
+                   "perlin), on the seed's split (made by train's rule when not there yet): "
+                   "they need no generator, so they can run in a session of their own")
     p.add_argument("--exact-masks", action="store_true",
                    help="sample on the training masks as they are (their own shapes and places) "
                    "instead of transformed draws from them; tagged _exact like the weights")
@@ -273,6 +279,13 @@ def run_seed(args, seed: int, work: Path, s: dict, log: Path) -> tuple[dict, dic
     needs_generator = [label for label, m in methods.items()
                        if m in GENERATED and not (out / f"{label}.json").is_file()]
     generated = []
+    if args.baselines_only:
+        if not split_file.is_file():  # train's own split rule, as the generator's run writes it
+            category = read_category(data, texture=True)
+            write_text_atomic(split_file, json.dumps(make_split(category, k=10, seed=seed), indent=1))
+        methods = {label: m for label, m in methods.items() if m not in GENERATED}
+        print(f"== seed {seed}: evaluating {', '.join(methods)}", flush=True)
+        return evaluate(data, split_file, [], out, steps, seed, args.device, log, methods), {}
     if needs_generator or not gq.is_file() or not split_file.is_file():
         print(f"== seed {seed}: training the generator on {data.name}", flush=True)
         model = train_model(data, sw / f"generator{dw_tag}", seed, s, init, args.device, log,
@@ -338,6 +351,10 @@ def main(argv=None) -> int:
         t0 = time.time()
         per_seed[seed], quality[seed] = run_seed(args, seed, work, s, log)
         walls[seed] = time.time() - t0
+    if args.baselines_only:
+        print(f"baselines of seeds {seeds} done ({time.time() - start:.0f} s); the summary is "
+              "written by a run with the generator's methods", flush=True)
+        return 0
     info = {"mode": mode, "seeds": seeds, "defect_weight": args.defect_weight,
             "fg_weight": args.fg_weight, "exact_masks": args.exact_masks,
             "sampler": args.sampler, "n": args.n or s["n"],
