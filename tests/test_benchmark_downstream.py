@@ -184,3 +184,63 @@ def test_exact_masks_tags_the_variant(tmp_path, monkeypatch):
     assert seen["methods"][3:] == ["minibldm_dw1_exact", "minibldm+real_dw1_exact"]
     info = json.loads((tmp_path / "w" / "quick" / "summary_dw1_exact.json").read_text())["info"]
     assert info["exact_masks"] is True
+
+
+def tiny_category(root: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+    (root / "train" / "good").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "good" / "000.png")
+    for d in ("crack", "hole"):
+        (root / "test" / d).mkdir(parents=True)
+        (root / "ground_truth" / d).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "test" / d / f"{i:03d}.png")
+            m = np.zeros((8, 8), np.uint8)
+            m[2:4, 2:4] = 255
+            Image.fromarray(m).save(root / "ground_truth" / d / f"{i:03d}_mask.png")
+    return root
+
+
+def test_baselines_only_needs_no_generator_and_keeps_train_s_split(tmp_path, monkeypatch):
+    """--baselines-only writes the seed's split by train's rule (make_split, k = 10) and runs
+    the three baselines on it, never the generator; a later full call trains the generator, finds
+    the same split in its run, and runs only what is missing."""
+    from minibldm.commands.data import make_split, read_category
+    data = tiny_category(tmp_path / "cat")
+    calls = []
+
+    def fake_run(cmd, log):
+        cmd = [str(c) for c in cmd]
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)  # as the commands' atomic writes do
+        out.write_text(json.dumps({"mean": {"pixel_ap": 0.5}, "per_type": {
+            "crack": {"pixel_ap": 0.5, "pixel_aupro": 0.5, "image_auroc": 0.5}}}
+            if "minibldm.evaluate" in cmd else {}))
+    monkeypatch.setattr(bench, "run", fake_run)
+
+    def fake_train(data_, runs, seed, s, init, device, log, dw):  # the generator's run folder
+        calls.append(["train"])
+        runs.joinpath("control").mkdir(parents=True, exist_ok=True)
+        split = make_split(read_category(data_, texture=True), k=10, seed=seed)
+        (runs / "control" / "split.json").write_text(json.dumps(split))
+        return runs / "control"
+    monkeypatch.setattr(bench, "train_model", fake_train)
+    monkeypatch.setattr(bench, "generate", lambda *a, **k: [tmp_path / "gen"])
+    work = tmp_path / "w"
+    assert bench.main(["--data", str(data), "--work", str(work), "--seeds", "3",
+                       "--baselines-only", "--init", "none"]) == 0
+    seed_dir = work / "full" / "seed3"
+    expected = make_split(read_category(data, texture=True), k=10, seed=3)
+    assert json.loads((seed_dir / "split.json").read_text()) == expected
+    assert ["train"] not in calls
+    ran = sorted(Path(c[c.index("--out") + 1]).name for c in calls)
+    assert ran == ["crop-paste.json", "perlin.json", "real-only.json"]
+    calls.clear()
+    assert bench.main(["--data", str(data), "--work", str(work), "--seeds", "3",
+                       "--init", "none"]) == 0
+    evaluated = sorted(Path(c[c.index("--out") + 1]).name for c in calls
+                       if "minibldm.evaluate" in c)
+    assert ["train"] in calls and evaluated == ["minibldm+real.json", "minibldm.json"]
+    assert (work / "full" / "summary.json").is_file()

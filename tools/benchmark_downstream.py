@@ -346,6 +346,12 @@ def main(argv=None) -> int:
     work = Path(args.work) / mode
     work.mkdir(parents=True, exist_ok=True)
     log = work / "commands.log"
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    with open(log, "a") as f:  # which code, where and when, for every call
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M')} minibldm {commit}, "
+                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores: "
+                f"{' '.join(sys.argv)}\n")
     start, per_seed, quality, walls = time.time(), {}, {}, {}
     for seed in seeds:
         t0 = time.time()
