@@ -43,7 +43,17 @@ from .masks import bbox, trimap
 from .pipeline import defect_image, encode_prompt, paste_background, per_image_noise, prompt, psnr
 from .weights import load, read_config
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "tiny"
+
+
+def bundled_weights() -> Path:
+    """The bundled tiny model: weights/tiny in a source checkout (or an editable install), else
+    the copy that a plain `pip install` puts in the package (setup.py's build step)."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "weights" / "tiny"
+    return checkout if (checkout / "config.json").is_file() else here / "bundled" / "tiny"
+
+
+DEFAULT_WEIGHTS = bundled_weights()
 MARGIN = 3  # model pixels around M* where the generated image is blended in (paste_background)
 
 
