@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -126,6 +127,22 @@ def test_control_run_folder(control_run, tiny_weights):
     assert m.control is not None and m.config == TINY
     m2 = minibldm.load(tiny_weights, control=out / "control.safetensors")  # as sample --control
     assert same(m.control.state_dict(), m2.control.state_dict())
+
+
+def test_a_run_draws_what_it_makes_as_it_trains(control_run):
+    """samples/step_N.png at the start and the end (4 steps < --preview-every 500): per training
+    item a row of pair | trimap | sample; the networks' change shows in the sample column only
+    (the pair and trimap are the same items). The run's weights equal a loop without previews
+    (test_control_run_equals_a_plain_loop), so drawing does not disturb training."""
+    out, err = control_run
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000.png",
+                                                                   "step_000004.png"]
+    first, last = (np.asarray(Image.open(out / "samples" / n))
+                   for n in ("step_000000.png", "step_000004.png"))
+    assert first.shape == (4 * SIZE, 3 * SIZE, 3)
+    assert (first[:, :2 * SIZE] == last[:, :2 * SIZE]).all()
+    assert (first[:, 2 * SIZE:] != last[:, 2 * SIZE:]).any()
+    assert "samples/" in err
 
 
 def test_control_trains_only_the_branch(control_run, tiny_weights):

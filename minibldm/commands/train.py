@@ -71,6 +71,7 @@ from ..images import DataError
 from ..io import WeightsError
 from ..weights import FILES
 from .common import PRECISIONS, Parser, UsageError
+from .trainpreview import preview_items, write_preview
 from .losses import StepLoss
 from .runfolder import (CHECKPOINT, TrainError, check_resumable, control_metadata,
                         draw_loss_curve, load_checkpoint, read_checkpoint_state, read_loss_log,
@@ -136,6 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codebook-weight", type=float, default=1.0, help="VQ codebook loss weight (ldm: 1)")
     p.add_argument("--checkpoint-every", type=int, default=500, metavar="K",
                    help="write checkpoint.safetensors every K steps (and at the end)")
+    p.add_argument("--preview-every", type=int, default=500, metavar="K",
+                   help="every K steps (and at the start and the end) draw what the model makes "
+                   "now for 4 fixed training items into OUT/samples/step_N.png; 0: never")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute block activations in the backward pass (saves memory)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="float32",
@@ -183,7 +187,8 @@ def check_args(args) -> None:
                              ("--k", args.k, 1), ("--checkpoint-every", args.checkpoint_every, 1),
                              ("--defect-repeat", args.defect_repeat, 1),
                              ("--size", args.size, 8), ("--num-workers", args.num_workers, 0),
-                             ("--log-every", args.log_every, 1)):
+                             ("--log-every", args.log_every, 1),
+                             ("--preview-every", args.preview_every, 0)):
         if value < low:
             raise TrainError(f"{flag} must be at least {low}, got {value}")
     for flag, value in (("--defect-weight", args.defect_weight), ("--lr", args.lr)):
@@ -280,6 +285,9 @@ def run_steps(run: Run, dataset, step_loss: StepLoss, optimizer: Optimizer, star
             f"({sum(p.numel() for _, p in optimizer.named_params) / 1e6:.2f}M parameters), "
             f"steps {start}..{args.steps}, batch {args.batch_size} on {world} x {run.device}, "
             f"data {', '.join(Path(d).name for d in args.data)}")
+    items = preview_items(dataset) if args.preview_every and rank == 0 else []
+    if items and start == 0:
+        write_preview(run, step_loss.tokenizer, items, 0)  # what the untrained model draws
     with (out / "loss.csv").open("w") if rank == 0 else open(os.devnull, "w") as loss_file:
         loss_file.write("step,loss\n" + "".join(f"{s},{v!r}\n" for s, v in loss_rows))
         for step, batch in enumerate(loader, start):
@@ -305,10 +313,12 @@ def run_steps(run: Run, dataset, step_loss: StepLoss, optimizer: Optimizer, star
                     save_checkpoint(out / CHECKPOINT, done, optimizer, run.settings)
                     write_trained(out, run.nets, run.trained, run.control_meta)
                     loss_file.flush()
+            if items and (done % args.preview_every == 0 or done == args.steps):
+                write_preview(run, step_loss.tokenizer, items, done)
     if rank == 0:
         draw_loss_curve(loss_rows, out / "loss.png", f"{args.stage} stage loss")
         run.log(f"wrote {out}: {', '.join(FILES[n] for n in run.trained)}, {CHECKPOINT}, "
-                f"loss.csv, loss.png")
+                f"loss.csv, loss.png" + (", samples/" if items else ""))
 
 
 def train(args) -> int:
