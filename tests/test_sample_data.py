@@ -246,3 +246,45 @@ def test_a_rank_that_starts_late_still_makes_its_own_images(tmp_path, run_folder
         assert sample(*args, "--out", tmp_path / "two")[0] == 0
     key = sorted((r["defect"], r["index"]) for r in manifest(tmp_path / "one"))
     assert sorted((r["defect"], r["index"]) for r in manifest(tmp_path / "two")) == key
+
+
+def test_only_the_dataset_looks_like_data(tmp_path, run_folder):
+    """Every image file in OUT is a test/<type>/ image or its ground_truth/<type>/ mask, or lies
+    two folders down in minibldm/ (the previews), so readers that glob OUT and take an image's
+    last three path parts as split / label / name (anomalib's MVTec AD reader does) see only
+    the dataset; images and masks pair by name and, sorted, in the same order."""
+    cat, run, _ = run_folder
+    out = tmp_path / "out"
+    assert sample("--data", cat, "--weights", run, "-n", 2, "--out", out, *FAST)[0] == 0
+    assert sample("--data", cat, "--weights", run, "-n", 2, "--seed", 1, "--out", out, *FAST)[0] == 0
+    found = [p.relative_to(out).parts for p in out.rglob("*") if p.suffix == ".png"]
+    data = [p for p in found if p[0] in ("test", "ground_truth")]
+    assert all(p[0] == "minibldm" and len(p) == 3 for p in found if p not in data)
+    for d in ("crack", "hole"):
+        images = sorted((out / "test" / d).iterdir())
+        masks = sorted((out / "ground_truth" / d).iterdir())
+        assert len(images) == len(masks) == 4  # two runs (seeds) beside each other
+        assert [m.name for m in masks] == [i.stem + "_mask.png" for i in images]
+
+
+def test_anomalib_reads_the_output(tmp_path, run_folder):
+    """anomalib's own MVTec AD and Folder readers pair every generated image with its mask.
+    (Runs where anomalib imports: it needs a torchvision built for the installed torch.)"""
+    pytest.importorskip("anomalib.data", reason="anomalib is not importable here (pip install "
+                        "anomalib and a torchvision matching torch)", exc_type=ImportError)
+    from anomalib.data.datasets.image.folder import make_folder_dataset
+    from anomalib.data.datasets.image.mvtecad import make_mvtec_ad_dataset
+    cat, run, _ = run_folder
+    out = tmp_path / "out"
+    assert sample("--data", cat, "--weights", run, "-n", 3, "--out", out, *FAST)[0] == 0
+    test = make_mvtec_ad_dataset(out, split="test")
+    assert len(test) == 6
+    for _, row in test.iterrows():
+        assert Path(row.mask_path).name == Path(row.image_path).stem + "_mask.png"
+    for d in ("crack", "hole"):
+        folder = make_folder_dataset(normal_dir=cat / "train" / "good", root=out,
+                                     abnormal_dir=f"test/{d}", mask_dir=f"ground_truth/{d}")
+        bad = folder[folder.label_index == 1]
+        assert len(bad) == 3
+        for _, row in bad.iterrows():
+            assert Path(row.mask_path).name == Path(row.image_path).stem + "_mask.png"

@@ -70,7 +70,7 @@ def run(weights: Path, out: Path = OUT, log=sys.stderr) -> int:
             rec = json.loads(line)
             rows.append({"category": category, **rec, "image": f"{category}/{rec['image']}",
                          "mask": f"{category}/{rec['mask']}"})
-        previews.append(np.asarray(Image.open(folder / "minibldm" / f"preview_{rec['run']}.png")
+        previews.append(np.asarray(Image.open(folder / "minibldm" / "previews" / f"{rec['run']}.png")
                                    .convert("RGB")))
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     save_png(np.concatenate(previews, axis=0), out / "preview.png")

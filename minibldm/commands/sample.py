@@ -19,7 +19,9 @@ tools read, everything else under OUT/minibldm/:
                                      seeds, adaptation loss, background PSNR and change_in_mask
                                      (mean |image - x_OK| inside M*, levels of 255)
     OUT/minibldm/runs/<run>.json     the settings of run <run> (8 hex digits of their hash)
-    OUT/minibldm/preview_<run>.png   good | trimap | before adaptation | after | mask overlay
+    OUT/minibldm/previews/<run>.png  good | trimap | before adaptation | after | mask overlay
+                                     (two folders down: tools that take an image's last three
+                                     path parts as split/label/name never read it as data)
     OUT/minibldm/dropped.jsonl       with --min-change: the images dropped (no defect appeared)
 
 <k> has 6 digits. Image k depends only on (seed, k) (and its defect type with --data), so
@@ -308,7 +310,7 @@ def generate(args) -> int:
         written, rows = written + len(new), (rows + new)[:PREVIEW_ROWS]  # keep what is drawn
         log(progress_line(c + len(chunk), len(pending), time.time() - start))
     if rows and rank == 0:
-        contact_sheet(rows, out / "minibldm" / f"preview_{run}.png")
+        contact_sheet(rows, out / "minibldm" / "previews" / f"{run}.png")
     dropped = len(pending) - written
     log(f"wrote {written} images to {out} (run {run})"
         + (f"; dropped {dropped} (minibldm/dropped.jsonl)" if dropped else ""))
