@@ -2,11 +2,10 @@
 --ddim-steps, conflicting flags refused in one line, defaults and an example in every --help, the
 same device and precision flags everywhere, and one line for a bad flag in every command."""
 import importlib
-from types import SimpleNamespace
 
 import pytest
 
-from minibldm.commands.common import UsageError
+from minibldm.cli import UsageError
 from minibldm.config import Stages
 
 COMMANDS = {"sample": "minibldm.commands.sample", "train": "minibldm.commands.train",
@@ -72,7 +71,7 @@ def test_stage_lengths_refuses_the_flags_it_overrides(flag):
 
 def parser_of(module, argv):
     """The Parser a command's parse_args builds, caught as it parses argv."""
-    from minibldm.commands.common import Parser
+    from minibldm.cli import Parser
     caught, real = {}, Parser.parse_args
 
     def grab(self, *a, **k):
@@ -94,7 +93,8 @@ def flags(parser) -> dict:
 
 def test_device_and_precision_flags_are_the_same_everywhere(monkeypatch):
     import torch
-    from minibldm.commands import common, sample, train
+    from minibldm import cli as common
+    from minibldm.commands import sample, train
     from minibldm.eval import evaluate
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert common.default_device() == "cuda"

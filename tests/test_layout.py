@@ -9,7 +9,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "minibldm"
 CORE = ["config", "attention", "unet", "control", "autoencoder", "clip", "tokenizer", "ddim",
         "sampler", "adapt", "masks", "foreground", "pipeline"]
-LOADING = ["weights", "io", "images", "convert"]
+LOADING = ["weights", "io", "images", "convert", "cli"]  # what reads files, weights, command lines
 OUTER = ["fast", "commands", "eval"]
 
 

@@ -34,7 +34,6 @@ tiny model (demo.py).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -49,8 +48,9 @@ from ..config import LATENT_MASKS, AdaptConfig, SampleConfig, Stages
 from ..images import DataError, save_png, to_uint8
 from ..io import WeightsError, write_text_atomic
 from ..pipeline import image_seed
-from .common import PRECISIONS, Parser, UsageError, default_device
-from .sampleplan import category_sources, check_control_names, hand_wired_sources, plan_source
+from ..cli import PRECISIONS, Parser, UsageError, default_device
+from .sampleplan import (category_sources, check_control_names, done_images, hand_wired_sources,
+                         plan_source, run_id, run_settings)
 
 KNOBS = SampleConfig()  # the method's knobs with their defaults, from minibldm/config.py
 PREVIEW_ROWS = 8  # images drawn in preview.png
@@ -149,6 +149,22 @@ def add_method_args(add) -> None:
     add("--redraws", type=int, default=3, metavar="R", help="redraws per image under --min-change (3)")
 
 
+def stages_from_args(args) -> Stages:
+    """--stage-lengths, or --ddim-steps with the reference boundaries scaled to it where the
+    boundary flags are not given; --stage-lengths with any of those is refused."""
+    given = {"--ddim-steps": args.ddim_steps, "--latent-start": args.latent_start,
+             "--latent-stop": args.latent_stop, "--image-start": args.image_start}
+    given = {flag: v for flag, v in given.items() if v is not None}
+    if args.stage_lengths and given:
+        raise UsageError(f"--stage-lengths sets every stage: not with {next(iter(given))}")
+    if args.stage_lengths:
+        return Stages.from_lengths(*args.stage_lengths)
+    base = Stages.scaled(args.ddim_steps if args.ddim_steps is not None else KNOBS.stages.steps)
+    return Stages(base.steps, *(b if v is None else v for b, v in (
+        (base.latent_start, args.latent_start), (base.latent_stop, args.latent_stop),
+        (base.image_start, args.image_start))))
+
+
 def check_args(args) -> SampleConfig:
     if args.n is None and not args.exact_masks:
         raise UsageError("-n is required (the number of images)")
@@ -197,42 +213,13 @@ def check_args(args) -> SampleConfig:
         raise UsageError(f"--device {args.device}: CUDA is not available here")
     if args.reference and (args.compile or args.adapt_blocks is not None):
         raise UsageError("--reference runs the reference path: not with --compile or --adapt-blocks")
-    given = {"--ddim-steps": args.ddim_steps, "--latent-start": args.latent_start,
-             "--latent-stop": args.latent_stop, "--image-start": args.image_start}
-    given = {flag: v for flag, v in given.items() if v is not None}
-    if args.stage_lengths and given:
-        raise UsageError(f"--stage-lengths sets every stage: not with {next(iter(given))}")
     try:
-        if args.stage_lengths:
-            stages = Stages.from_lengths(*args.stage_lengths)
-        else:
-            base = Stages.scaled(args.ddim_steps if args.ddim_steps is not None else KNOBS.stages.steps)
-            stages = Stages(base.steps, *(b if v is None else v for b, v in (
-                (base.latent_start, args.latent_start), (base.latent_stop, args.latent_stop),
-                (base.image_start, args.image_start))))
+        stages = stages_from_args(args)
         return SampleConfig(stages, args.guidance, args.eta, args.latent_mask,
                             AdaptConfig(args.adapt_steps, args.adapt_lr, args.fg_weight,
                                         args.bg_weight))
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def run_settings(args, stages: Stages, size: int) -> dict:
-    """What names a run: the settings that decide its images (not -n, --first, --defect with
-    --data, the batch size or the device). The same settings resume a run in OUT; others start a
-    new one beside it."""
-    keys = ["weights", "control", "seed", "guidance", "eta", "translate_only", "adapt_steps",
-            "adapt_lr", "adapt_blocks", "bg_weight", "fg_weight", "paste_background", "precision",
-            "latent_mask", "min_change", "redraws", "zoom"]
-    keys += (["data", "split", "texture", "object"] if args.data else
-             ["images", "defect_masks", "exact_masks", "good", "foreground", "texture", "object",
-              "defect"])
-    settings = {k: getattr(args, k) for k in keys}
-    return {**settings, "size": size, "stages": vars(stages)}
-
-
-def run_id(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def main(argv=None) -> int:
@@ -258,15 +245,6 @@ def load_pipeline(args, cfg: SampleConfig) -> Pipeline:
         if "trimap branch" in str(e):
             raise UsageError(f"{e}; pass --control") from None
         raise
-
-
-def done_images(out: Path, run: str) -> set[tuple[str, int]]:
-    """(defect folder, k) of run `run`'s images already written or dropped in OUT."""
-    lines = [line for name in ("manifest.jsonl", "dropped.jsonl")
-             if (out / "minibldm" / name).is_file()
-             for line in (out / "minibldm" / name).read_text().splitlines()]
-    records = [json.loads(line) for line in lines if line.strip()]
-    return {(r["defect"], r["index"]) for r in records if r.get("run") == run}
 
 
 def generate(args) -> int:

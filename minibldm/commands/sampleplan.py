@@ -2,9 +2,11 @@
 is written. A `Source` is one defect type's inputs: from a category and its run's few-shot split
 (`--data`), or from hand-wired folders. One plan per output image: its good image x_OK, its
 defect mask M* (a real few-shot mask placed by masks.sample_defect_mask, or an exact mask as it
-is) and the foreground F, all at the good image's own size."""
+is) and the foreground F, all at the good image's own size. And what names a run in the output
+folder (its settings' hash) and which of its images are already there."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +17,10 @@ from safetensors import safe_open
 from ..foreground import foreground_for
 from ..images import IMAGE_SUFFIXES, DataError, mask_to_tensor, read_image, read_mask
 from ..io import read_json
+from ..config import Stages
 from ..masks import PlacementError, sample_defect_mask
 from ..pipeline import image_seed, prompt
-from .common import UsageError
+from ..cli import UsageError
 from .data import read_category
 
 
@@ -178,3 +181,30 @@ def plan_source(args, source: Source) -> tuple[list[dict], bool]:
             info["mask_file"] = str(source.masks[info["source"]])
         plans.append(dict(k=k, good=good, image=image, mask=mask, fg=fg, info=info))
     return plans, binary
+
+
+def run_settings(args, stages: Stages, size: int) -> dict:
+    """What names a run: the settings that decide its images (not -n, --first, --defect with
+    --data, the batch size or the device). The same settings resume a run in OUT; others start a
+    new one beside it."""
+    keys = ["weights", "control", "seed", "guidance", "eta", "translate_only", "adapt_steps",
+            "adapt_lr", "adapt_blocks", "bg_weight", "fg_weight", "paste_background", "precision",
+            "latent_mask", "min_change", "redraws", "zoom"]
+    keys += (["data", "split", "texture", "object"] if args.data else
+             ["images", "defect_masks", "exact_masks", "good", "foreground", "texture", "object",
+              "defect"])
+    settings = {k: getattr(args, k) for k in keys}
+    return {**settings, "size": size, "stages": vars(stages)}
+
+
+def run_id(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def done_images(out: Path, run: str) -> set[tuple[str, int]]:
+    """(defect folder, k) of run `run`'s images already written or dropped in OUT."""
+    lines = [line for name in ("manifest.jsonl", "dropped.jsonl")
+             if (out / "minibldm" / name).is_file()
+             for line in (out / "minibldm" / name).read_text().splitlines()]
+    records = [json.loads(line) for line in lines if line.strip()]
+    return {(r["defect"], r["index"]) for r in records if r.get("run") == run}

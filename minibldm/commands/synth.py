@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..images import save_png
-from .common import Parser, UsageError
+from ..cli import Parser, UsageError
 
 CATEGORIES = {  # category folder -> meta.json: prompt words, texture or object, defect folders
     "fabric": {"object": "woven fabric", "texture": True,

@@ -70,7 +70,7 @@ from ..config import PRESETS, ModelConfig
 from ..images import DataError
 from ..io import WeightsError
 from ..weights import FILES
-from .common import PRECISIONS, Parser, UsageError
+from ..cli import PRECISIONS, Parser, UsageError
 from .trainpreview import preview_items, write_preview
 from .losses import StepLoss
 from .runfolder import (CHECKPOINT, TrainError, check_resumable, control_metadata,
@@ -83,6 +83,22 @@ from .trainsamples import StepBatches, all_prompts, collate, make_dataset, read_
 STAGES = ("control", "unet", "text", "autoencoder")
 DEFAULT_LR = {"control": 1e-5, "unet": 1e-5, "text": 1e-4, "autoencoder": 1e-4}
 PROG = "python -m minibldm.train"
+
+
+def add_run_args(add) -> None:
+    """How the run runs: checkpoints, previews, memory, precision, data loading, progress."""
+    add("--checkpoint-every", type=int, default=500, metavar="K",
+        help="write checkpoint.safetensors every K steps (and at the end)")
+    add("--preview-every", type=int, default=500, metavar="K",
+        help="every K steps (and at the start and the end) draw what the model makes "
+        "now for 4 fixed training items into OUT/samples/step_N.png; 0: never")
+    add("--grad-checkpoint", action="store_true",
+        help="recompute block activations in the backward pass (saves memory)")
+    add("--precision", choices=list(PRECISIONS), default="float32",
+        help="the forward passes' precision: float32, or autocast to bfloat16 or "
+        "float16 (a GPU's; float16 with a gradient scaler)")
+    add("--num-workers", type=int, default=0, help="data loader processes")
+    add("--log-every", type=int, default=10, help="progress line every N steps")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,18 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rec-loss", choices=("l1", "l2"), default="l1", help="autoencoder reconstruction loss")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="autoencoder KL weight (ldm: 1e-6)")
     p.add_argument("--codebook-weight", type=float, default=1.0, help="VQ codebook loss weight (ldm: 1)")
-    p.add_argument("--checkpoint-every", type=int, default=500, metavar="K",
-                   help="write checkpoint.safetensors every K steps (and at the end)")
-    p.add_argument("--preview-every", type=int, default=500, metavar="K",
-                   help="every K steps (and at the start and the end) draw what the model makes "
-                   "now for 4 fixed training items into OUT/samples/step_N.png; 0: never")
-    p.add_argument("--grad-checkpoint", action="store_true",
-                   help="recompute block activations in the backward pass (saves memory)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="float32",
-                   help="the forward passes' precision: float32, or autocast to bfloat16 or "
-                   "float16 (a GPU's; float16 with a gradient scaler)")
-    p.add_argument("--num-workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+    add_run_args(p.add_argument)
     args = p.parse_args(argv)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.stage]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import convert
-from ..commands.common import Parser
+from ..cli import Parser
 from ..config import UNetConfig
 from ..io import WeightsError, check_state_dict, read_checkpoint, read_json
 from ..tokenizer import Tokenizer

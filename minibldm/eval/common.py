@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..commands.common import UsageError
+from ..cli import UsageError
 from ..commands.data import (Category, list_images, load_or_make_split, make_split, mask_of,
                              read_category)
 from ..images import DataError

@@ -43,7 +43,7 @@ import torch
 from . import baselines, detector, metrics
 from .common import (check_args, check_generated, data_errors_as, read_data, run_command,
                      split_pairs, table)
-from ..commands.common import Parser, UsageError, default_device
+from ..cli import Parser, UsageError, default_device
 from ..commands.data import Category, DecodedImages, PairDataset
 
 METHODS = ("minibldm", "minibldm+real", "crop-paste", "perlin", "real-only")

@@ -50,7 +50,7 @@ import torch
 from .common import (Pairs, check_args, check_generated, data_errors_as, manifest_records,
                      read_data, run_command, split_pairs, table)
 from .literature import literature
-from ..commands.common import Parser, UsageError, default_device
+from ..cli import Parser, UsageError, default_device
 from ..commands.data import Category
 from ..images import read_image, read_mask, resize_image
 from ..pipeline import psnr

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..commands.common import UsageError
+from ..cli import UsageError
 from ..images import DataError
 from ..io import first_line
 

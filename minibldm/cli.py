@@ -1,6 +1,6 @@
-"""What the commands share: bad input is one line on stderr naming the argument, exit status 2;
-every --help shows the defaults and an example; the device and precision flags mean the same
-everywhere.
+"""What every command line shares (sample, train, evaluate, genquality, synth and the converter):
+bad input is one line on stderr naming the argument, exit status 2; every --help shows the
+defaults and an example; the device and precision flags mean the same everywhere.
 
 Each command raises UsageError for bad input and catches it in its main(); Parser makes argparse
 report its own errors the same way instead of printing its usage block, and names the new flag
