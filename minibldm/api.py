@@ -149,8 +149,8 @@ class Pipeline:
         if not zoom >= 1:
             raise ValueError(f"zoom must be at least 1, got {zoom}")
         self.models, self.cfg, self.paste, self.zoom = models, cfg, paste_background, zoom
-        self.size = size or 256
-        if self.size % models.config.size_multiple:
+        self.size = 256 if size is None else size
+        if self.size <= 0 or self.size % models.config.size_multiple:
             raise ValueError(f"size {self.size}: must be a multiple of "
                              f"{models.config.size_multiple} for these weights")
         self.adapt_fn = adapt_fn or fast.adapt_decoder

@@ -120,3 +120,36 @@ def test_steps_is_train_s_alone():
     e = flags(parser_of(evaluate, ["--data", "d", "--method", "real-only"]))
     assert "--steps" in t and "--steps" not in s and "--steps" not in e
     assert "--ddim-steps" in s and "--detector-steps" in e
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--guidance", "nan"], "--guidance must be a number"),
+    (["--guidance", "inf"], "--guidance must be a number"),
+    (["--eta", "-0.5"], "--eta must be a number >= 0"),
+    (["--fg-weight", "-1"], "--fg-weight must be a number >= 0"),
+    (["--bg-weight", "nan"], "--bg-weight must be a number >= 0"),
+    (["--fg-weight", "0", "--bg-weight", "0"], "both 0"),
+    (["--adapt-steps", "-1"], "--adapt-steps must be a number >= 0"),
+    (["--adapt-lr", "0"], "--adapt-lr must be a positive number"),
+    (["--adapt-lr", "nan"], "--adapt-lr must be a positive number"),
+    (["--first", "-1"], "--first must be a number >= 0"),
+    (["--size", "0"], "--size must be a number >= 1"),
+    (["--size", "-32"], "--size must be a number >= 1"),
+    (["--ddim-steps", "0"], "--ddim-steps must be a number >= 1"),
+    (["--batch-size", "0"], "--batch-size must be a number >= 1"),
+    (["--min-change", "nan"], "--min-change must be a number"),
+    (["--min-change", "300"], "levels of 255"),
+    (["--redraws", "-2"], "--redraws must be a number >= 0"),
+    (["--zoom", "0.5"], "--zoom must be at least 1"),
+    (["--exact-masks", "m2"], "give one"),
+    (["--stage-lengths", "50", "30", "5", "--ddim-steps", "50"], "--stage-lengths sets every"),
+])
+def test_sample_refuses_bad_numbers_before_writing(tmp_path, capsys, extra, needle):
+    from minibldm.commands import sample
+    out = tmp_path / "out"
+    argv = ["--images", str(tmp_path), "--defect-masks", str(tmp_path), "--object", "tile",
+            "--defect", "crack", "-n", "1", "--out", str(out), *extra]
+    assert sample.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+    assert not out.exists()

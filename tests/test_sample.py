@@ -213,7 +213,7 @@ def bad_case(tmp_path, inputs, how):
     ("no images", "no images"), ("missing images", "no such folder"),
     ("unreadable image", "x.png"), ("empty mask", "the mask is empty"),
     ("mask size", "mask is 30x20 but its image"), ("out is a file", "is not a folder"),
-    ("n <= 0", "-n must be positive"), ("untrained defect", "not 'crack'"),
+    ("n <= 0", "-n must be a number >= 1"), ("untrained defect", "not 'crack'"),
     ("adapt blocks < 0", "--adapt-blocks must be >= 0"),
     ("control mismatch", "zero_convs.0.0.weight has shape"),
 ])

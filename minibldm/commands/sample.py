@@ -165,7 +165,32 @@ def stages_from_args(args) -> Stages:
         (base.image_start, args.image_start))))
 
 
+def check_numbers(args) -> None:
+    """Every number on the command line finite and in its range, else one line naming the flag
+    (a NaN guidance would write black images and NaN into the manifest)."""
+    rules = [("--guidance", args.guidance, 0.0), ("--eta", args.eta, 0.0),
+             ("--fg-weight", args.fg_weight, 0.0), ("--bg-weight", args.bg_weight, 0.0),
+             ("--adapt-steps", args.adapt_steps, 0), ("--first", args.first, 0),
+             ("--redraws", args.redraws, 0), ("--min-change", args.min_change, 0.0)]
+    rules += [(flag, v, 1) for flag, v in (("--size", args.size), ("--ddim-steps", args.ddim_steps),
+                                          ("-n", args.n), ("--batch-size", args.batch_size))
+              if v is not None]
+    for flag, value, low in rules:
+        if not (low <= value < float("inf")):
+            raise UsageError(f"{flag} must be a number >= {low}, got {value}")
+    if not (0 < args.adapt_lr < float("inf")):
+        raise UsageError(f"--adapt-lr must be a positive number, got {args.adapt_lr}")
+    if args.fg_weight == args.bg_weight == 0 and args.adapt_steps > 0:
+        raise UsageError("--fg-weight and --bg-weight are both 0: the adaptation has no loss")
+    if args.min_change > 255:
+        raise UsageError(f"--min-change is in levels of 255, got {args.min_change:g}")
+    if args.defect_masks and args.exact_masks:
+        raise UsageError("--exact-masks uses your masks as they are, --defect-masks places "
+                         "few-shot masks: give one")
+
+
 def check_args(args) -> SampleConfig:
+    check_numbers(args)
     if args.n is None and not args.exact_masks:
         raise UsageError("-n is required (the number of images)")
     if args.n is None:
@@ -176,9 +201,6 @@ def check_args(args) -> SampleConfig:
         args.adapt_steps, args.paste_background = 0, True
     if args.batch_size is None:
         args.batch_size = 16 if args.bulk else 1
-    for flag, value in (("-n", args.n), ("--batch-size", args.batch_size)):
-        if value <= 0:
-            raise UsageError(f"{flag} must be positive, got {value}")
     if args.out is None:
         raise UsageError("--out is required")
     if args.data:
@@ -200,9 +222,6 @@ def check_args(args) -> SampleConfig:
             raise UsageError("--defect-masks (few-shot masks to sample from) or --exact-masks is required")
     if not (args.zoom >= 1 and args.zoom < float("inf")):
         raise UsageError(f"--zoom must be at least 1, got {args.zoom:g}")
-    if not 0 <= args.min_change <= 255 or args.redraws < 0:
-        raise UsageError(f"--min-change must be in 0..255 and --redraws >= 0 (got "
-                         f"{args.min_change:g}, {args.redraws})")
     if args.adapt_blocks is not None and args.adapt_blocks < 0:
         raise UsageError(f"--adapt-blocks must be >= 0, got {args.adapt_blocks}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
