@@ -49,8 +49,8 @@ from ..images import DataError, save_png, to_uint8
 from ..io import WeightsError, write_text_atomic
 from ..pipeline import image_seed
 from ..cli import PRECISIONS, Parser, UsageError, default_device
-from .sampleplan import (category_sources, check_control_names, done_images, hand_wired_sources,
-                         plan_source, run_id, run_settings)
+from .sampleplan import (category_sources, check_control_names, check_numbers, done_images,
+                         hand_wired_sources, plan_source, run_id, run_settings)
 
 KNOBS = SampleConfig()  # the method's knobs with their defaults, from minibldm/config.py
 PREVIEW_ROWS = 8  # images drawn in preview.png
@@ -163,30 +163,6 @@ def stages_from_args(args) -> Stages:
     return Stages(base.steps, *(b if v is None else v for b, v in (
         (base.latent_start, args.latent_start), (base.latent_stop, args.latent_stop),
         (base.image_start, args.image_start))))
-
-
-def check_numbers(args) -> None:
-    """Every number on the command line finite and in its range, else one line naming the flag
-    (a NaN guidance would write black images and NaN into the manifest)."""
-    rules = [("--guidance", args.guidance, 0.0), ("--eta", args.eta, 0.0),
-             ("--fg-weight", args.fg_weight, 0.0), ("--bg-weight", args.bg_weight, 0.0),
-             ("--adapt-steps", args.adapt_steps, 0), ("--first", args.first, 0),
-             ("--redraws", args.redraws, 0), ("--min-change", args.min_change, 0.0)]
-    rules += [(flag, v, 1) for flag, v in (("--size", args.size), ("--ddim-steps", args.ddim_steps),
-                                          ("-n", args.n), ("--batch-size", args.batch_size))
-              if v is not None]
-    for flag, value, low in rules:
-        if not (low <= value < float("inf")):
-            raise UsageError(f"{flag} must be a number >= {low}, got {value}")
-    if not (0 < args.adapt_lr < float("inf")):
-        raise UsageError(f"--adapt-lr must be a positive number, got {args.adapt_lr}")
-    if args.fg_weight == args.bg_weight == 0 and args.adapt_steps > 0:
-        raise UsageError("--fg-weight and --bg-weight are both 0: the adaptation has no loss")
-    if args.min_change > 255:
-        raise UsageError(f"--min-change is in levels of 255, got {args.min_change:g}")
-    if args.defect_masks and args.exact_masks:
-        raise UsageError("--exact-masks uses your masks as they are, --defect-masks places "
-                         "few-shot masks: give one")
 
 
 def check_args(args) -> SampleConfig:

@@ -42,6 +42,30 @@ class Source:
     fixed: bool = False  # goods[0] for every image (--good): no draw
 
 
+def check_numbers(args) -> None:
+    """Every number on the command line finite and in its range, else one line naming the flag
+    (a NaN guidance would write black images and NaN into the manifest)."""
+    rules = [("--guidance", args.guidance, 0.0), ("--eta", args.eta, 0.0),
+             ("--fg-weight", args.fg_weight, 0.0), ("--bg-weight", args.bg_weight, 0.0),
+             ("--adapt-steps", args.adapt_steps, 0), ("--first", args.first, 0),
+             ("--redraws", args.redraws, 0), ("--min-change", args.min_change, 0.0)]
+    rules += [(flag, v, 1) for flag, v in (("--size", args.size), ("--ddim-steps", args.ddim_steps),
+                                          ("-n", args.n), ("--batch-size", args.batch_size))
+              if v is not None]
+    for flag, value, low in rules:
+        if not (low <= value < float("inf")):
+            raise UsageError(f"{flag} must be a number >= {low}, got {value}")
+    if not (0 < args.adapt_lr < float("inf")):
+        raise UsageError(f"--adapt-lr must be a positive number, got {args.adapt_lr}")
+    if args.fg_weight == args.bg_weight == 0 and args.adapt_steps > 0:
+        raise UsageError("--fg-weight and --bg-weight are both 0: the adaptation has no loss")
+    if args.min_change > 255:
+        raise UsageError(f"--min-change is in levels of 255, got {args.min_change:g}")
+    if args.defect_masks and args.exact_masks:
+        raise UsageError("--exact-masks uses your masks as they are, --defect-masks places "
+                         "few-shot masks: give one")
+
+
 def image_files(folder: Path, what: str) -> list[Path]:
     if not folder.is_dir():
         raise UsageError(f"{what} {folder}: no such folder")
