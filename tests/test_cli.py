@@ -153,3 +153,36 @@ def test_sample_refuses_bad_numbers_before_writing(tmp_path, capsys, extra, need
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--betas", "2", "0.999"], "--betas must be in [0, 1)"),
+    (["--betas", "0.9", "nan"], "--betas must be in [0, 1)"),
+    (["--weight-decay", "-1"], "--weight-decay must be a number >= 0"),
+    (["--kl-weight", "-1"], "--kl-weight must be a number >= 0"),
+    (["--preview-every", "-5"], "--preview-every must be at least 0"),
+    (["--precision", "fp16"], "--precision"),
+])
+def test_train_refuses_bad_optimizer_arguments_before_writing(tmp_path, capsys, extra, needle):
+    from minibldm.commands import train
+    out = tmp_path / "out"
+    argv = ["--stage", "control", "--data", str(tmp_path), "--out", str(out), *extra]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--num-heads", "0"], "--num-heads must be at least 1"),
+    (["--clip-head-dim", "-64"], "--clip-head-dim must be at least 1"),
+    (["--scale-factor", "-1"], "--scale-factor must be a positive number"),
+    (["--scale-factor", "nan"], "--scale-factor must be a positive number"),
+])
+def test_convert_refuses_bad_numbers_before_writing(tmp_path, capsys, extra, needle):
+    from minibldm.convert import checkpoint
+    out = tmp_path / "out"
+    assert checkpoint.main([str(tmp_path / "model.ckpt"), str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()

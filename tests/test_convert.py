@@ -210,6 +210,15 @@ def test_bad_checkpoints_fail_cleanly(tmp_path, good_ckpt, how, needle):
     assert not out.exists()
 
 
+def test_heads_that_do_not_divide_the_unet_are_refused(tmp_path, good_ckpt):
+    """--num-heads 3 on a UNet of widths 32 / 64 would write a folder that cannot load."""
+    path, _ = good_ckpt
+    r = run_tool(path, tmp_path / "out", "--vocab", CLIP_VOCAB, "--num-heads", "3")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--num-heads 3: does not divide" in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_truncated_safetensors_fails_cleanly(tmp_path):
     from safetensors.torch import save_file
     save_file({"a": torch.zeros(100)}, str(tmp_path / "x.safetensors"))

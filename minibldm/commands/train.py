@@ -201,6 +201,13 @@ def check_args(args) -> None:
             raise TrainError(f"{flag} must be positive, got {value}")
     if not 0 <= args.p_empty_prompt <= 1:
         raise TrainError(f"--p-empty-prompt must be in [0, 1], got {args.p_empty_prompt}")
+    if not all(0 <= b < 1 for b in args.betas):  # AdamW's own rule, said before anything is written
+        raise TrainError(f"--betas must be in [0, 1), got {' '.join(map(str, args.betas))}")
+    if not (0 <= args.weight_decay < float("inf")):
+        raise TrainError(f"--weight-decay must be a number >= 0, got {args.weight_decay}")
+    for flag, value in (("--kl-weight", args.kl_weight), ("--codebook-weight", args.codebook_weight)):
+        if not (0 <= value < float("inf")):
+            raise TrainError(f"{flag} must be a number >= 0, got {value}")
     if args.defect_repeat != 1 and args.stage not in ("text", "unet", "autoencoder"):
         raise TrainError(f"--defect-repeat: only the text, unet and autoencoder stages train on a "
                          f"mix of good and defect images (got --stage {args.stage})")

@@ -109,6 +109,11 @@ def read_configs(parts: dict, args, unet: UNetConfig | None = None, scale: float
             parts["text_encoder"], clip_head_dim or args.clip_head_dim)
     if "unet" in parts:
         configs["unet"] = unet or convert.unet_config_from_state_dict(parts["unet"], args.num_heads)
+        u = configs["unet"]
+        widths = [u.model_channels * m for m in u.channel_mult]
+        if any(w % u.num_heads for w in widths):
+            raise WeightsError(f"--num-heads {u.num_heads}: does not divide the UNet's attention "
+                               f"widths {sorted(set(widths))}; SD 1.x uses 8")
     return configs
 
 
@@ -199,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         help="latent scale factor (default: the checkpoint's, else 0.18215 KL / 1.0 VQ)")
     try:
         args = p.parse_args(argv)
+        for flag, value in (("--num-heads", args.num_heads), ("--clip-head-dim", args.clip_head_dim)):
+            if value < 1:
+                raise WeightsError(f"{flag} must be at least 1, got {value}")
+        if args.scale_factor is not None and not (0 < args.scale_factor < float("inf")):
+            raise WeightsError(f"--scale-factor must be a positive number, got {args.scale_factor}")
         written = convert_weights(args)
     except WeightsError as e:
         print(f"minibldm.convert: error: {e}", file=sys.stderr)
