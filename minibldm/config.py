@@ -92,13 +92,37 @@ class ModelConfig:
 
 
 def from_fields(cls, values: dict):
-    """A config dataclass from a JSON object's fields (lists become tuples); an unknown field is
-    a ValueError naming it."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    """A config dataclass from a JSON object's fields (lists become tuples); an unknown field or
+    a value of another kind than the field's default (a string for a number, a number for a
+    list) is a ValueError naming it."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(values).__name__}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(defaults))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    for k, v in values.items():
+        if not same_kind(v, defaults[k]):
+            raise ValueError(f"{cls.__name__}.{k}: expected {type(defaults[k]).__name__}, got "
+                             f"{json_kind(v)} {v!r}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def json_kind(v) -> str:
+    return "a list" if isinstance(v, list) else type(v).__name__
+
+
+def same_kind(value, default) -> bool:
+    """Whether a JSON value fits a field whose default is `default` (ints fit float fields)."""
+    number = (int, float)
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple)) and all(
+            isinstance(x, number) and not isinstance(x, bool) for x in value)
+    if isinstance(default, float):
+        return isinstance(value, number)
+    return isinstance(value, type(default))
 
 
 # --- presets -------------------------------------------------------------------------------------

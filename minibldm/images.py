@@ -3,6 +3,7 @@ file is a `DataError` whose one-line message names it (the commands print it and
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,10 @@ from .io import atomic_path, first_line
 from .masks import count_components
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Images above this many pixels are refused, not decoded (a PNG header can claim 20000 x 20000);
+# MINIBLDM_MAX_PIXELS raises it. Pillow warns from half of its own limit and refuses from it.
+MAX_PIXELS = int(os.environ.get("MINIBLDM_MAX_PIXELS", 2 * 89_478_485))
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
 
 
 class DataError(Exception):
@@ -39,6 +44,9 @@ def read_image(path: str | Path) -> np.ndarray:
                 rgb = rgba[..., :3] * rgba[..., 3:] / 255  # over black
                 return np.round(rgb).astype(np.uint8)
             return np.array(im.convert("RGB"))
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: more than {MAX_PIXELS:,} pixels (set MINIBLDM_MAX_PIXELS to "
+                        "allow larger images)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: not a readable image ({first_line(e)})") from None
 

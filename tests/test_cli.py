@@ -186,3 +186,70 @@ def test_convert_refuses_bad_numbers_before_writing(tmp_path, capsys, extra, nee
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not out.exists()
+
+
+def bomb_png(path):
+    """A PNG whose header claims 20000 x 20000 pixels (and holds none)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2,
+                                                                     0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_an_image_over_the_pixel_limit_is_one_line(tmp_path, capsys):
+    from minibldm.commands import sample
+    (tmp_path / "good").mkdir()
+    bomb_png(tmp_path / "good" / "big.png")
+    (tmp_path / "masks").mkdir()
+    bomb_png(tmp_path / "masks" / "m.png")
+    out = tmp_path / "out"
+    argv = ["--images", str(tmp_path / "good"), "--defect-masks", str(tmp_path / "masks"),
+            "--object", "tile", "--defect", "crack", "-n", "1", "--out", str(out)]
+    assert sample.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pixels" in err[0] and "MINIBLDM_MAX_PIXELS" in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("section,value,needle", [
+    ("unet", {"num_res_blocks": "1"}, "UNetConfig.num_res_blocks: expected int, got str"),
+    ("unet", 5, "expected a JSON object, got int"),
+    ("autoencoder", {"ch_mult": 4}, "AutoencoderConfig.ch_mult: expected tuple"),
+    ("text", {"layer_norm_eps": "1e-5"}, "TextConfig.layer_norm_eps: expected float"),
+])
+def test_config_json_with_wrong_types_is_one_line(tmp_path, section, value, needle):
+    import json
+    from conftest import write_tiny_weights
+    from minibldm import load
+    from minibldm.io import WeightsError
+    w = write_tiny_weights(tmp_path / "w")
+    raw = json.loads((w / "config.json").read_text())
+    raw[section] = value
+    (w / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(WeightsError, match=needle.replace("(", r"\(")):
+        load(w)
+
+
+@pytest.mark.parametrize("meta,needle", [
+    (["texture"], "expected a JSON object, got list"),
+    ({"texture": "yes"}, '"texture" must be a bool'),
+    ({"object": 5}, '"object" must be a str'),
+    ({"defects": {"crack": 1}}, '"defects" maps folder names'),
+])
+def test_meta_json_with_wrong_types_is_a_data_error(tmp_path, meta, needle):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from minibldm.commands.data import read_category
+    from minibldm.images import DataError
+    (tmp_path / "cat" / "train" / "good").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "cat" / "train" / "good" / "a.png")
+    (tmp_path / "cat" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=needle):
+        read_category(tmp_path / "cat")

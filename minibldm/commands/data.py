@@ -30,7 +30,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import masks
 from ..foreground import foreground_for
-from ..images import IMAGE_SUFFIXES, DataError, mask_to_tensor, read_image, read_mask, resize_image
+from ..images import (IMAGE_SUFFIXES, MAX_PIXELS, DataError, mask_to_tensor, read_image, read_mask,
+                      resize_image)
 from ..io import read_json, write_text_atomic
 from ..pipeline import prompt as default_prompt
 
@@ -70,6 +71,9 @@ def _size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: more than {MAX_PIXELS:,} pixels (set MINIBLDM_MAX_PIXELS to "
+                        "allow larger images)") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__})") from None
 
@@ -112,7 +116,7 @@ def read_category(root: str | Path, texture: bool | None = None,
         if pairs:
             defects[folder.name] = pairs
 
-    meta = read_json(root / "meta.json", DataError) if (root / "meta.json").is_file() else {}
+    meta = read_meta(root / "meta.json") if (root / "meta.json").is_file() else {}
     names = {d: meta.get("defects", {}).get(d, d.replace("_", " ")) for d in defects}
     fg_dir = root / "foreground"
     return Category(
@@ -120,6 +124,23 @@ def read_category(root: str | Path, texture: bool | None = None,
         object_name=object_name or meta.get("object") or root.resolve().name.replace("_", " "),
         texture=bool(meta.get("texture", False)) if texture is None else texture,
         defect_names=names, foreground_dir=fg_dir if fg_dir.is_dir() else None)
+
+
+def read_meta(path: Path) -> dict:
+    """A category's meta.json, its fields checked: {"object": str, "texture": bool, "defects":
+    {folder: prompt name}}, each optional; anything else is a DataError naming the field."""
+    meta = read_json(path, DataError)
+    kinds = {"object": str, "texture": bool, "defects": dict}
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key, kind in kinds.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise DataError(f"{path}: \"{key}\" must be a {kind.__name__} (JSON "
+                            f"{ {str: 'string', bool: 'true/false', dict: 'object'}[kind]}), "
+                            f"got {meta[key]!r}")
+    if not all(isinstance(v, str) for v in meta.get("defects", {}).values()):
+        raise DataError(f"{path}: \"defects\" maps folder names to prompt names (strings)")
+    return meta
 
 
 def make_split(category: Category, k: int = 10, seed: int = 0) -> dict:
