@@ -263,6 +263,7 @@ def test_resume_is_bit_exact(control_run, pill, tiny_weights, tmp_path):
     assert same(tensors(out / "control.safetensors"), tensors(straight / "control.safetensors"))
     assert same(tensors(out / "checkpoint.safetensors"), tensors(straight / "checkpoint.safetensors"))
     assert (out / "loss.csv").read_text() == (straight / "loss.csv").read_text()
+    assert not list(out.glob("*.tmp")), "a rerun leaves no temporary file (hard-linked networks)"
 
     rc, err = run(*control_args(pill, tiny_weights, out, 4, "--lr", 2e-3, "--seed", 1))
     assert rc == 2 and "lr" in err and "seed" in err and "steps" not in err, err

@@ -124,6 +124,8 @@ def load_checkpoint(path: Path, state: dict, opt) -> int:
 def place_file(src: Path, dst: Path) -> None:
     """dst becomes src's content: a hard link where possible (no copy of GBs of frozen weights;
     files are only ever replaced, never written in place), else a copy; atomically either way."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # already a link to src (a rerun): nothing to do
     tmp = dst.with_name(dst.name + ".tmp")
     if tmp.exists():
         tmp.unlink()
@@ -132,6 +134,8 @@ def place_file(src: Path, dst: Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+    if tmp.exists():  # rename(2) does nothing when both names are links to one file
+        tmp.unlink()
 
 
 def control_metadata(cats: list, splits: list[dict], defects: list[str] | None) -> dict[str, str]:
