@@ -270,6 +270,42 @@ def test_resume_is_bit_exact(control_run, pill, tiny_weights, tmp_path):
     assert same(tensors(out / "control.safetensors"), tensors(straight / "control.safetensors"))
 
 
+KILL_AT = """
+import os, sys, torch
+from minibldm.commands import train
+torch.set_num_threads(1)
+add = train.Progress.add
+def killed(self, done, value):  # kill -9 right after step {step}: no flush, no cleanup
+    if done == {step}:
+        os._exit(137)
+    add(self, done, value)
+train.Progress.add = killed
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_before_the_resumed_run_s_first_checkpoint_keeps_the_loss_history(
+        pill, tiny_weights, tmp_path):
+    """A run checkpoints at step 2; resumed to 6 (next checkpoint at 4), it is killed after step
+    3: loss.csv still holds steps 1-2, and the rerun ends with the bytes of a straight run."""
+    straight, out = tmp_path / "straight", tmp_path / "run"
+
+    def args(o, steps):
+        return [str(a) for a in control_args(pill, tiny_weights, o, steps)[:-4]] + [
+            "--checkpoint-every", "4", "--log-every", "1"]
+    assert run(*args(straight, 6))[0] == 0
+    assert run(*args(out, 2)[:-2], "--checkpoint-every", "2")[0] == 0
+    r = subprocess.run([sys.executable, "-c", KILL_AT.format(step=3), *args(out, 6)],
+                       capture_output=True, text=True)
+    assert r.returncode == 137, r.stderr[-2000:]
+    rows = (out / "loss.csv").read_text().splitlines()
+    assert rows[:3] == (straight / "loss.csv").read_text().splitlines()[:3], rows
+    assert run(*args(out, 6))[0] == 0
+    assert (out / "loss.csv").read_text() == (straight / "loss.csv").read_text()
+    assert same(tensors(out / "control.safetensors"), tensors(straight / "control.safetensors"))
+    assert not list(out.glob("*.tmp"))
+
+
 # ---- several processes ------------------------------------------------------------------------
 
 def test_two_gloo_processes_match_one(pill, tiny_weights, tmp_path):

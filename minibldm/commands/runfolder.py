@@ -181,10 +181,17 @@ def write_run_folder(out: Path, args, cfg: ModelConfig, run: dict, sources: dict
 
 
 def read_loss_log(path: Path, upto: int) -> list[tuple[int, float]]:
+    """loss.csv's rows up to step `upto` (the checkpoint's); a line a kill cut short is past the
+    checkpoint, so it is dropped with the others there."""
     if not path.is_file():
         return []
+    rows = []
     with path.open() as f:
-        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+        for r in csv.DictReader(f):
+            try:
+                rows.append((int(r["step"]), float(r["loss"])))
+            except (TypeError, ValueError):
+                continue
     return [r for r in rows if r[0] <= upto]
 
 

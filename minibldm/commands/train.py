@@ -68,7 +68,7 @@ import torch.nn as nn
 from . import runfolder
 from ..config import PRESETS, ModelConfig
 from ..images import DataError
-from ..io import WeightsError
+from ..io import WeightsError, write_text_atomic
 from ..weights import FILES
 from ..cli import PRECISIONS, Parser, UsageError
 from .trainpreview import preview_items, write_preview
@@ -300,8 +300,10 @@ def run_steps(run: Run, dataset, step_loss: StepLoss, optimizer: Optimizer, star
     items = preview_items(dataset) if args.preview_every and rank == 0 else []
     if items and start == 0:
         write_preview(run, step_loss.tokenizer, items, 0)  # what the untrained model draws
-    with (out / "loss.csv").open("w") if rank == 0 else open(os.devnull, "w") as loss_file:
-        loss_file.write("step,loss\n" + "".join(f"{s},{v!r}\n" for s, v in loss_rows))
+    if rank == 0:  # the history up to the checkpoint, replaced atomically: a kill loses none of it
+        write_text_atomic(out / "loss.csv",
+                          "step,loss\n" + "".join(f"{s},{v!r}\n" for s, v in loss_rows))
+    with (out / "loss.csv").open("a") if rank == 0 else open(os.devnull, "w") as loss_file:
         for step, batch in enumerate(loader, start):
             with autocast:
                 loss = step_loss(batch, batches.indices(step))
