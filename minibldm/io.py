@@ -140,7 +140,26 @@ def write_result(path: str | Path, result: dict, table: str) -> None:
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path,
                 metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file (with optional string metadata) atomically."""
+    """Write a safetensors file (with optional string metadata) atomically, the same bytes for
+    the same tensors and metadata (sort_metadata)."""
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata=metadata)
+        sort_metadata(tmp)
+
+
+def sort_metadata(path: Path) -> None:
+    """Put a safetensors header's metadata keys in sorted order, in place. The library writes
+    them in a hash map's order, which changes from process to process, so identical files would
+    differ; the header keeps its length (the same keys, values and separators)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > n:
+            raise WeightsError(f"{path}: its safetensors header could not be normalised")
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))

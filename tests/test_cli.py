@@ -253,3 +253,27 @@ def test_meta_json_with_wrong_types_is_a_data_error(tmp_path, meta, needle):
     (tmp_path / "cat" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=needle):
         read_category(tmp_path / "cat")
+
+
+SAVE = """
+import sys, torch
+from minibldm.io import save_atomic
+save_atomic({"b": torch.ones(2), "a": torch.arange(3.0)}, sys.argv[1],
+            metadata={"objects": "{}", "defects": "[]", "object": "t\\u00e9", "defect_names": "x"})
+"""
+
+
+def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    """safetensors writes metadata in a hash map's order, which differs between processes;
+    save_atomic sorts it, so identical saves in separate processes are identical files."""
+    import subprocess
+    import sys
+    from safetensors import safe_open
+    paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for p in paths:
+        subprocess.run([sys.executable, "-c", SAVE, str(p)], check=True)
+    assert len({p.read_bytes() for p in paths}) == 1
+    with safe_open(str(paths[0]), "pt") as f:
+        assert f.metadata() == {"objects": "{}", "defects": "[]", "object": "t\u00e9",
+                                "defect_names": "x"}
+        assert f.get_tensor("a").tolist() == [0.0, 1.0, 2.0]
