@@ -35,6 +35,7 @@ from PIL import Image
 from torch import Tensor
 
 from . import adapt, fast
+from .cli import default_device
 from .config import SampleConfig
 from .foreground import estimate_foreground
 from .images import DataError, mask_to_tensor, read_image, read_mask, resize_image, to_uint8
@@ -167,7 +168,7 @@ class Pipeline:
         """Load a weights folder (with its trimap branch, or `control`'s). device: cuda when
         available, else cpu. reference: the pure reference path (minibldm/adapt.py's loop, no CPU
         routes); compile: torch.compile the UNet, the branch and the adaptation."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         models = load(weights, device=device, dtype=dtype, control=control)
         if models.control is None:
             raise WeightsError(f"{weights}: has no trimap branch (control.safetensors)")

@@ -70,7 +70,7 @@ from ..config import PRESETS, ModelConfig
 from ..images import DataError
 from ..io import WeightsError, write_text_atomic
 from ..weights import FILES
-from ..cli import PRECISIONS, Parser, UsageError
+from ..cli import PRECISIONS, Parser, UsageError, default_device
 from .trainpreview import preview_items, write_preview
 from .losses import StepLoss
 from .runfolder import (CHECKPOINT, TrainError, check_resumable, control_metadata,
@@ -174,7 +174,7 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     on GPUs, gloo on the CPU) when there are several processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device_arg or default_device())
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise TrainError(f"--device {device_arg}: CUDA is not available here")
