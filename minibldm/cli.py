@@ -9,7 +9,10 @@ when an old one is given.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -23,6 +26,44 @@ def default_device() -> str:
 
 class UsageError(Exception):
     """Bad input; the message is one line and names the argument or the file."""
+
+
+def check_writable(path, flag: str, folder: bool = True) -> None:
+    """Refuse an output that cannot be written, before anything is written: `path` (a folder
+    when `folder`, else a file) must be of that kind if it exists, and the nearest folder that
+    exists on its way must accept a new file. That is probed with an empty temporary file,
+    removed at once, because permission bits say nothing for root or a read-only mount."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise UsageError(f"{flag} {path}: exists and is not a {'folder' if folder else 'file'}")
+    if path.exists() and not folder and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: cannot write this file")
+    base = path if folder and path.is_dir() else path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise UsageError(f"{flag} {path}: {base} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".minibldm-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {base} ({e.strerror})") from None
+
+
+def add_max_pixels(add) -> None:
+    """The --max-pixels flag of every command that reads images."""
+    add("--max-pixels", type=int, default=None, metavar="N",
+        help="refuse images above N pixels, before decoding them (default: $MINIBLDM_MAX_PIXELS, "
+        "else 178,956,970)")
+
+
+def apply_max_pixels(args) -> None:
+    """Check --max-pixels and make it (or the default) the limit of every image read from now on."""
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise UsageError(f"--max-pixels must be at least 1, got {args.max_pixels}")
+    from .images import set_max_pixels
+    set_max_pixels(args.max_pixels)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

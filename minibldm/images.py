@@ -16,9 +16,28 @@ from .masks import count_components
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Images above this many pixels are refused, not decoded (a PNG header can claim 20000 x 20000);
-# MINIBLDM_MAX_PIXELS raises it. Pillow warns from half of its own limit and refuses from it.
-MAX_PIXELS = int(os.environ.get("MINIBLDM_MAX_PIXELS", 2 * 89_478_485))
+# every command's --max-pixels (or MINIBLDM_MAX_PIXELS) raises it. Pillow warns from half of its
+# own limit and refuses from it.
+DEFAULT_MAX_PIXELS = int(os.environ.get("MINIBLDM_MAX_PIXELS", 2 * 89_478_485))
+MAX_PIXELS = DEFAULT_MAX_PIXELS
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
+
+
+def set_max_pixels(n: int | None) -> None:
+    """Refuse images above n pixels from now on (--max-pixels; None: the default)."""
+    global MAX_PIXELS
+    n = DEFAULT_MAX_PIXELS if n is None else n
+    MAX_PIXELS = n
+    Image.MAX_IMAGE_PIXELS = n // 2
+
+
+def too_large(path) -> "DataError":
+    """The one-line error for an image over the pixel limit."""
+    return DataError(f"{path}: more than {MAX_PIXELS:,} pixels (raise the limit with --max-pixels "
+                     "N or MINIBLDM_MAX_PIXELS=N)")
+
+
+MIN_MASK_SIDE = 8
 
 
 class DataError(Exception):
@@ -45,8 +64,7 @@ def read_image(path: str | Path) -> np.ndarray:
                 return np.round(rgb).astype(np.uint8)
             return np.array(im.convert("RGB"))
     except Image.DecompressionBombError:
-        raise DataError(f"{path}: more than {MAX_PIXELS:,} pixels (set MINIBLDM_MAX_PIXELS to "
-                        "allow larger images)") from None
+        raise too_large(path) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: not a readable image ({first_line(e)})") from None
 
@@ -69,10 +87,17 @@ def read_mask(path: str | Path) -> tuple[torch.Tensor, bool]:
     """A binary mask file as (H, W) float {0, 1}, and whether the file was binary. Pixels are the
     maximum over `read_image`'s channels, thresholded at 127 (a file holding only 0 and 1 is read
     as 0/1). The flag is False when other values were present (soft or anti-aliased masks), so a
-    tool can say once that masks were thresholded. An empty mask is a DataError."""
+    tool can say once that masks were thresholded. An empty mask, or one under MIN_MASK_SIDE
+    pixels on a side (masks are drawn at their image's resolution), is a DataError."""
     a = read_image(path).max(axis=2)
-    if a.max() == 1:
-        a = a * 255
+    if min(a.shape) < MIN_MASK_SIDE:
+        raise DataError(f"{path}: a {a.shape[1]} x {a.shape[0]} mask; masks are drawn at their "
+                        f"image's resolution, at least {MIN_MASK_SIDE} x {MIN_MASK_SIDE} pixels")
+    if a.max() <= 1:  # a file of 0s and 1s; 16-bit 1s read as 0 (255/65535 scaling): read again
+        with Image.open(path) as im:
+            raw = np.asarray(im)
+        raw = raw.max(axis=2) if raw.ndim == 3 else raw
+        a = np.where(raw == 1, 255, raw) if raw.max() == 1 else a
     values = np.unique(a)
     m = torch.from_numpy(a > 127).float()
     if not m.any():

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -109,6 +110,19 @@ def atomic_path(path: str | Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# The name atomic_path gives its temporary file: the target's name, mkstemp's 8 characters, .tmp
+TEMPORARY = re.compile(r".+\.(png|json|jsonl|safetensors|csv|txt)[a-z0-9_]{8}\.tmp")
+
+
+def remove_temporaries(folders) -> None:
+    """Remove the temporary files atomic_path leaves in `folders` (and below) when a kill -9
+    stops its process in the middle of a write. Call it only where no other process is writing."""
+    for folder in folders:
+        for p in Path(folder).rglob("*.tmp") if Path(folder).is_dir() else ():
+            if TEMPORARY.fullmatch(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
 
 
 def read_json(path: str | Path, error: type[Exception] = WeightsError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -58,7 +59,10 @@ def section(raw: dict, name: str, source: str):
 
 def load_network(name: str, cfg, path: str | Path, device="cpu", dtype=torch.float32):
     """Build network `name` from `cfg` without initialising it, then fill it from `path`."""
-    with torch.device("meta"):
+    # On the meta device, nn.Embedding's normal_ runs a Python decomposition whose first call
+    # imports torch._dynamo (3-8 s on 2 CPU cores) to fill values that are thrown away: skip it.
+    with torch.device("meta"), mock.patch.object(torch.nn.Embedding, "reset_parameters",
+                                                 lambda self: None):
         module = BUILDERS[name](cfg)
     load_into(module, read_safetensors(path), str(path), name, assign=True)
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -442,7 +442,7 @@ def test_scale_factor_auto_gives_unit_variance_latents(pill, tiny_weights, tmp_p
 
     # the property: the run's first 64 training latents, scaled, have standard deviation 1
     args = train.parse_args([str(a) for a in common] + ["--steps", "1"])
-    cats, splits = trainsamples.read_data(args, out, 0, 1, lambda m: None)
+    cats, splits = trainsamples.read_data(args, out)
     dataset = trainsamples.make_dataset(args, cats, splits)
     ae = minibldm.load(out).autoencoder
     shape = (AE.embed_dim, SIZE // 8, SIZE // 8)
@@ -495,7 +495,7 @@ def test_control_branch_for_several_categories(pill, tiny_weights, tmp_path):
 
     # samples alternate between the categories
     parsed = train.parse_args([str(a) for a in (*args[:5], pill, washer, *args[6:])])
-    cats, splits = trainsamples.read_data(parsed, out, 0, 1, lambda m: None)
+    cats, splits = trainsamples.read_data(parsed, out)
     dataset = trainsamples.make_dataset(parsed, cats, splits)
     prompts = [dataset[i]["prompt"] for i in range(8)]
     assert all(p.startswith("a pill ") for p in prompts[0::2] if p)
@@ -555,7 +555,7 @@ def test_defect_weighted_autoencoder_step_equals_a_plain_loop(pill, tiny_weights
     rc, err = run(*argv)
     assert rc == 0, err
     args = train.parse_args([str(a) for a in argv])
-    cats, splits = trainsamples.read_data(args, tmp_path / "ae", 0, 1, lambda m: None)
+    cats, splits = trainsamples.read_data(args, tmp_path / "ae")
     ds = trainsamples.make_dataset(args, cats, splits)
     batch = trainsamples.collate([ds[i] for i in range(4)])
     assert 0 < batch["mask"].sum() < batch["mask"].numel()  # a defect among them

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         for L, r in sorted(runs.items()):
             rows.append(f"| {method} | {L} | {finals[method][L]:.4f} | "
                         + " | ".join(f"{100 * r['mean'][k]:.1f}" for k in keys)
-                        + f" | {r['wall_seconds']:.0f} |")
+                        + f" | {r.get('wall_seconds', float('nan')):.0f} |")
     verdict = (f"The rule chooses {length} steps" + ("" if converged else
                " (the longest: no length met the rule, so the detector is not converged)"))
     (work / "lengths.md").write_text(

@@ -30,8 +30,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import masks
 from ..foreground import foreground_for
-from ..images import (IMAGE_SUFFIXES, MAX_PIXELS, DataError, mask_to_tensor, read_image, read_mask,
-                      resize_image)
+from ..images import (IMAGE_SUFFIXES, DataError, mask_to_tensor, read_image, read_mask,
+                      resize_image, too_large)
 from ..io import read_json, write_text_atomic
 from ..pipeline import prompt as default_prompt
 
@@ -72,8 +72,7 @@ def _size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except Image.DecompressionBombError:
-        raise DataError(f"{path}: more than {MAX_PIXELS:,} pixels (set MINIBLDM_MAX_PIXELS to "
-                        "allow larger images)") from None
+        raise too_large(path) from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__})") from None
 
@@ -165,9 +164,10 @@ def make_split(category: Category, k: int = 10, seed: int = 0) -> dict:
     return out
 
 
-def load_or_make_split(path: str | Path, category: Category, k: int = 10, seed: int = 0) -> dict:
-    """The split stored at `path` (split.json) if it exists, else a new `make_split` written
-    there atomically. A stored split made with another k or seed, or naming files the category
+def load_or_make_split(path: str | Path, category: Category, k: int = 10, seed: int = 0,
+                       write: bool = True) -> dict:
+    """The split stored at `path` (split.json) if it exists, else a new `make_split`, written
+    there atomically when `write`. A stored split made with another k or seed, or naming files the category
     no longer has, is a DataError (delete the file or pass its k and seed)."""
     path = Path(path)
     if path.is_file():
@@ -183,7 +183,8 @@ def load_or_make_split(path: str | Path, category: Category, k: int = 10, seed: 
                                 f"{category.root}; delete the file to make a new split")
         return split
     split = make_split(category, k, seed)
-    write_text_atomic(path, json.dumps(split, indent=1))
+    if write:
+        write_text_atomic(path, json.dumps(split, indent=1))
     return split
 
 
@@ -262,6 +263,14 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def files(self):
+        """(DecodedImages method, path) of every file the pairs are made from."""
+        for pairs in self.train.values():
+            for image, mask in pairs:
+                yield from (("image", image), ("mask", mask))
+        for good in self.category.good:
+            yield from (("image", good), ("foreground", good))
+
     def __getitem__(self, i: int) -> dict:
         """Pair i (METHOD.md (6)): the defect pasted into the good image, and its trimap (4)."""
         g = item_generator(self.seed, i)
@@ -318,6 +327,13 @@ class GoodDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def files(self):
+        """(DecodedImages method, path) of every file the items read."""
+        for path, _, mask in dict.fromkeys(self.items):
+            yield ("image", path)
+            if mask is not None:
+                yield ("mask", mask)
 
     def __getitem__(self, i: int) -> dict:
         g = item_generator(self.seed, i)

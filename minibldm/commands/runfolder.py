@@ -21,6 +21,7 @@ given); on CPU the result is bit-for-bit that of an uninterrupted run. A run who
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -44,7 +45,7 @@ CHECKPOINT_FORMAT = "minibldm.train/1"
 # Settings a resumed run may change; every other one must equal the checkpoint's.
 # (--config's path may change too: its content is compared as "model".)
 MAY_CHANGE = {"steps", "checkpoint_every", "device", "num_workers", "grad_checkpoint", "log_every",
-              "out", "config"}
+              "out", "config", "max_pixels"}
 # Settings added after runs were made: a checkpoint without one was made with this value.
 ADDED_SETTINGS = {"defect_weight": 1.0}
 
@@ -149,6 +150,24 @@ def control_metadata(cats: list, splits: list[dict], defects: list[str] | None) 
     every = sorted({d for names in objects.values() for d in names})
     return {"defects": json.dumps(every), "object": cats[0].object_name,
             "defect_names": json.dumps(objects[cats[0].object_name]), "objects": json.dumps(objects)}
+
+
+@contextlib.contextmanager
+def undo_if_failed(out: Path, enabled: bool = True):
+    """Around a run: if it fails or is interrupted while `out` holds no checkpoint, remove what it
+    wrote there (the folder too when it made it), so that a failed run leaves nothing that looks
+    like a run, and the corrected command starts as if it were the first."""
+    existed = out.exists()
+    before = set(out.rglob("*")) if existed else set()
+    try:
+        yield
+    except BaseException:
+        if enabled and not (out / CHECKPOINT).is_file():
+            if not existed:
+                shutil.rmtree(out, ignore_errors=True)
+            for p in sorted(set(out.rglob("*")) - before, reverse=True) if existed else ():
+                p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
+        raise
 
 
 def write_trained(out: Path, nets: dict, trained: tuple[str, ...],

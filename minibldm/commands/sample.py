@@ -20,8 +20,9 @@ tools read, everything else under OUT/minibldm/:
                                      (mean |image - x_OK| inside M*, levels of 255)
     OUT/minibldm/runs/<run>.json     the settings of run <run> (8 hex digits of their hash)
     OUT/minibldm/previews/<run>.png  good | trimap | before adaptation | after | mask overlay
-                                     (two folders down: tools that take an image's last three
-                                     path parts as split/label/name never read it as data)
+                                     of the run's first 8 images (its rows: preview-rows/<run>_
+                                     <n>.png; two folders down: tools that take an image's last
+                                     three path parts as split/label/name never read them as data)
     OUT/minibldm/dropped.jsonl       with --min-change: the images dropped (no defect appeared)
 
 <k> has 6 digits. Image k depends only on (seed, k) (and its defect type with --data), so
@@ -41,14 +42,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import torch
 
 from ..api import DEFAULT_WEIGHTS, Job, Pipeline
 from ..config import LATENT_MASKS, AdaptConfig, SampleConfig, Stages
 from ..images import DataError, save_png, to_uint8
-from ..io import WeightsError, write_text_atomic
+from ..io import WeightsError, remove_temporaries, write_text_atomic
 from ..pipeline import image_seed
-from ..cli import PRECISIONS, Parser, UsageError, default_device
+from ..cli import (PRECISIONS, Parser, UsageError, add_max_pixels, apply_max_pixels,
+                   check_writable, default_device)
 from .sampleplan import (category_sources, check_control_names, check_numbers, done_images,
                          hand_wired_sources, plan_source, run_id, run_settings)
 
@@ -99,6 +102,7 @@ def parse_args(argv):
     run("--compile", action="store_true", help="torch.compile the UNet, the trimap branch (on a "
         "CPU frozen into the graph: a second copy of their weights, +4.7 GiB for SD 1.5 float32) "
         "and decoder adaptation (at --batch-size 1); the first image compiles, minutes on a CPU")
+    add_max_pixels(run)
     run("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: cuda when "
         "available, else cpu)")
     run("--precision", default="float32", choices=list(PRECISIONS), help="the networks' dtype; "
@@ -167,6 +171,7 @@ def stages_from_args(args) -> Stages:
 
 def check_args(args) -> SampleConfig:
     check_numbers(args)
+    apply_max_pixels(args)
     if args.n is None and not args.exact_masks:
         raise UsageError("-n is required (the number of images)")
     if args.n is None:
@@ -200,8 +205,7 @@ def check_args(args) -> SampleConfig:
         raise UsageError(f"--zoom must be at least 1, got {args.zoom:g}")
     if args.adapt_blocks is not None and args.adapt_blocks < 0:
         raise UsageError(f"--adapt-blocks must be >= 0, got {args.adapt_blocks}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out}: exists and is not a folder")
+    check_writable(args.out, "--out")
     if args.good and not Path(args.good).is_file():
         raise UsageError(f"--good {args.good}: no such file")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -269,21 +273,21 @@ def generate(args) -> int:
               file=sys.stderr)
 
     # -- from here on, OUT is written --
+    if world == 1:  # a killed run's half-written files (under torchrun, others may be writing)
+        remove_temporaries([out / "test", out / "ground_truth", out / "minibldm"])
     write_text_atomic(out / "minibldm" / "runs" / f"{run}.json", json.dumps(settings, indent=2) + "\n")
     for source in sources:
         pipe.encode(source.prompt)
     pipe.models.text_encoder = None  # every prompt is encoded: its weights (0.5 GB at SD size) are freed
-    rows, start, written = [], time.time(), 0
+    start, written = time.time(), 0
     pending = [(n, src, plan) for n, (src, plan) in enumerate(plans)  # torchrun: every world-th
                if n % world == rank and (src.folder, plan["k"]) not in done]  # of all, not of the
     # pending: another rank may have written some already when this one reads the manifest
     for c in range(0, len(pending), args.batch_size):
         chunk = pending[c:c + args.batch_size]
-        new = sample_chunk(args, pipe, run, chunk, len(plans), log)
-        written, rows = written + len(new), (rows + new)[:PREVIEW_ROWS]  # keep what is drawn
+        written += sample_chunk(args, pipe, run, chunk, len(plans), log)
         log(progress_line(c + len(chunk), len(pending), time.time() - start))
-    if rows and rank == 0:
-        contact_sheet(rows, out / "minibldm" / "previews" / f"{run}.png")
+    contact_sheet(out / "minibldm", run)  # the run's, however many calls made it
     dropped = len(pending) - written
     log(f"wrote {written} images to {out} (run {run})"
         + (f"; dropped {dropped} (minibldm/dropped.jsonl)" if dropped else ""))
@@ -326,9 +330,9 @@ def draw_chunk(args, pipe: Pipeline, run: str, chunk: list, total: int, log) -> 
                       image=f"test/{src.folder}/{name}.png",
                       mask=f"ground_truth/{src.folder}/{name}_mask.png", seed=args.seed,
                       image_seed=s, attempt=attempt, source=str(plan["good"]),
-                      placement=plan["info"], **res.record, seconds=round(seconds, 2))
-        good, hint, before, after, mask = res.preview
-        drawn.append(dict(n=n, record=record, result=res,
+                      placement=plan["info"], **res.record)  # no timing: the same bytes
+        good, hint, before, after, mask = res.preview              # on every machine
+        drawn.append(dict(n=n, record=record, result=res, seconds=seconds,
                           row=[good, hint, before, after, overlay(after, mask)]))
     return drawn
 
@@ -340,7 +344,7 @@ def write_image(out: Path, item: dict, total: int, log) -> None:
     save_png(res.mask, out / record["mask"])
     with (out / "minibldm" / "manifest.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
-    log(f"\rimage {item['n'] + 1}/{total}: done in {record['seconds']:.1f}s, background PSNR "
+    log(f"\rimage {item['n'] + 1}/{total}: done in {item['seconds']:.1f}s, background PSNR "
         f"{record['psnr_bg_before']:.1f} -> {record['psnr_bg_after']:.1f} dB, change in mask "
         f"{record['change_in_mask']:.1f}" + " " * 20)
 
@@ -348,15 +352,18 @@ def write_image(out: Path, item: dict, total: int, log) -> None:
 def sample_chunk(args, pipe: Pipeline, run: str, chunk: list, total: int, log) -> list:
     """Draw one batch, redraw (as a batch) each image that changed less than --min-change inside
     its mask, up to --redraws times; write the images that passed, list the others in
-    OUT/minibldm/dropped.jsonl. Returns the preview rows of the written images."""
+    OUT/minibldm/dropped.jsonl. Returns the number of images written."""
     out = Path(args.out)
-    todo, rows = [(n, src, plan, 0) for n, src, plan in chunk], []
+    todo, written = [(n, src, plan, 0) for n, src, plan in chunk], 0
     while todo:
         redo = []
         for (n, src, plan, attempt), item in zip(todo, draw_chunk(args, pipe, run, todo, total, log)):
             if item["record"]["change_in_mask"] >= args.min_change:
+                if n < PREVIEW_ROWS:  # the run's preview row, kept for the sheet, before the image
+                    save_png(np.concatenate([to_uint8(t) for t in item["row"]], axis=1),
+                             out / "minibldm" / "preview-rows" / f"{run}_{n:06d}.png")
                 write_image(out, item, total, log)
-                rows.append(item["row"])
+                written += 1
             elif attempt < args.redraws:
                 redo.append((n, src, plan, attempt + 1))
             else:
@@ -366,7 +373,7 @@ def sample_chunk(args, pipe: Pipeline, run: str, chunk: list, total: int, log) -
                     f"{item['record']['change_in_mask']:.1f} < --min-change {args.min_change:g} "
                     f"in {args.redraws + 1} draws" + " " * 20)
         todo = redo
-    return rows
+    return written
 
 
 def overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -375,7 +382,11 @@ def overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask > 0.5, 0.5 * image + 0.5 * red, image)
 
 
-def contact_sheet(rows: list[list[torch.Tensor]], path: Path) -> None:
-    """Rows of (3, H, W) images in [-1, 1] side by side: good | trimap | before | after | overlay."""
-    tiles = [np.concatenate([to_uint8(t) for t in row], axis=1) for row in rows]
-    save_png(np.concatenate(tiles, axis=0), path)
+def contact_sheet(meta: Path, run: str) -> None:
+    """META/previews/<run>.png: the rows META/preview-rows/<run>_*.png (good | trimap | before |
+    after | overlay of the run's first PREVIEW_ROWS images) one below the other: the same sheet
+    after any resume."""
+    rows = sorted((meta / "preview-rows").glob(f"{run}_*.png"))
+    if rows:
+        save_png(np.concatenate([np.asarray(Image.open(r)) for r in rows], axis=0),
+                 meta / "previews" / f"{run}.png")

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..images import save_png
-from ..cli import Parser, UsageError
+from ..cli import Parser, UsageError, check_writable
 
 CATEGORIES = {  # category folder -> meta.json: prompt words, texture or object, defect folders
     "fabric": {"object": "woven fabric", "texture": True,
@@ -41,6 +41,7 @@ CATEGORIES = {  # category folder -> meta.json: prompt words, texture or object,
     "pill": {"object": "pill", "texture": False,
              "defects": {"crack": "crack", "stain": "stain", "spot": "black specks"}},
 }
+MAX_SIZE = 2048  # the largest --size: a 2048 px image is drawn on 8192 x 8192 canvases
 _SS = 4  # supersampling factor of the PIL canvases: 4x4 samples per pixel give anti-aliased edges
 
 
@@ -332,6 +333,8 @@ def write_dataset(out, per_class: int = 200, seed: int = 0, size: int = 256, cat
                              ("--seed", seed, 0)):
         if value < low:
             raise ValueError(f"{flag} must be at least {low} (got {value})")
+    if size > MAX_SIZE:  # drawn 4x supersampled: 16 * size**2 samples per canvas
+        raise ValueError(f"--size must be at most {MAX_SIZE} (got {size})")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")
     for cat in categories:
@@ -370,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"subset of: {' '.join(CATEGORIES)}")
     try:
         a = p.parse_args(argv)
+        check_writable(a.out, "OUT")
         write_dataset(a.out, a.per_class, a.seed, a.size, a.categories, a.test_good, a.test_per_defect)
     except (ValueError, OSError, UsageError) as e:
         print(f"python -m minibldm.synth: error: {e}", file=sys.stderr)

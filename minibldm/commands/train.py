@@ -56,7 +56,6 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -68,17 +67,19 @@ import torch.nn as nn
 from . import runfolder
 from ..config import PRESETS, ModelConfig
 from ..images import DataError
-from ..io import WeightsError, write_text_atomic
+from ..io import WeightsError, remove_temporaries, write_text_atomic
 from ..weights import FILES
-from ..cli import PRECISIONS, Parser, UsageError, default_device
-from .trainpreview import preview_items, write_preview
+from ..cli import (PRECISIONS, Parser, UsageError, add_max_pixels, apply_max_pixels,
+                   check_writable, default_device)
+from .trainpreview import Progress, preview_items, write_preview
 from .losses import StepLoss
 from .runfolder import (CHECKPOINT, TrainError, check_resumable, control_metadata,
                         draw_loss_curve, load_checkpoint, read_checkpoint_state, read_loss_log,
-                        save_checkpoint, write_run_folder, write_trained)
+                        save_checkpoint, undo_if_failed, write_run_folder, write_trained)
 from .trainnets import (TRAINS, build_networks, enable_grad_checkpointing, get_tokenizer,
                         model_config, with_latent_scale)
-from .trainsamples import StepBatches, all_prompts, collate, make_dataset, read_data
+from .trainsamples import (StepBatches, all_prompts, check_data, collate, make_dataset, read_data,
+                           split_notes, write_splits)
 
 STAGES = ("control", "unet", "text", "autoencoder")
 DEFAULT_LR = {"control": 1e-5, "unet": 1e-5, "text": 1e-4, "autoencoder": 1e-4}
@@ -129,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"))
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (torch default)")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the data, the noise and new networks")
+    add_max_pixels(p.add_argument)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--size", type=int, default=256, help="image side the model trains at")
     p.add_argument("--k", type=int, default=10, help="real defect images per type for training")
@@ -208,6 +210,8 @@ def check_args(args) -> None:
     for flag, value in (("--kl-weight", args.kl_weight), ("--codebook-weight", args.codebook_weight)):
         if not (0 <= value < float("inf")):
             raise TrainError(f"{flag} must be a number >= 0, got {value}")
+    check_writable(args.out, "--out")
+    apply_max_pixels(args)
     if args.defect_repeat != 1 and args.stage not in ("text", "unet", "autoencoder"):
         raise TrainError(f"--defect-repeat: only the text, unet and autoencoder stages train on a "
                          f"mix of good and defect images (got --stage {args.stage})")
@@ -260,27 +264,6 @@ class Optimizer:
         self.scaler.update()
 
 
-class Progress:
-    """A progress line every --log-every steps (and at the first and last): the mean loss since
-    the last line, the rate, and the time left."""
-
-    def __init__(self, start: int, steps: int, every: int, log):
-        self.start, self.steps, self.every, self.log = start, steps, every, log
-        self.t_last, self.s_last, self.recent = time.perf_counter(), start, []
-
-    def add(self, done: int, value: float) -> None:
-        self.recent.append(value)
-        if done % self.every and done != self.steps and done != self.start + 1:
-            return
-        now = time.perf_counter()
-        rate = (done - self.s_last) / max(now - self.t_last, 1e-9)
-        left = (self.steps - done) / rate
-        self.log(f"step {done}/{self.steps}  loss {sum(self.recent) / len(self.recent):.5f}  "
-                 f"{rate:.2f} steps/s  left {int(left // 3600)}:{int(left % 3600 // 60):02d}:"
-                 f"{int(left % 60):02d}")
-        self.t_last, self.s_last, self.recent = now, done, []
-
-
 def run_steps(run: Run, dataset, step_loss: StepLoss, optimizer: Optimizer, start: int,
               loss_rows: list[tuple[int, float]]) -> None:
     """Steps start .. --steps, each on the global batch of its index; every --checkpoint-every
@@ -323,10 +306,10 @@ def run_steps(run: Run, dataset, step_loss: StepLoss, optimizer: Optimizer, star
             loss_rows.append((done, value))
             if done % args.checkpoint_every == 0 or done == args.steps:
                 last_checkpoint = done
-                if rank == 0:
+                if rank == 0:  # loss.csv first: a checkpoint never gets ahead of its history
+                    loss_file.flush()
                     save_checkpoint(out / CHECKPOINT, done, optimizer, run.settings)
                     write_trained(out, run.nets, run.trained, run.control_meta)
-                    loss_file.flush()
             if items and (done % args.preview_every == 0 or done == args.steps):
                 write_preview(run, step_loss.tokenizer, items, done)
     if rank == 0:
@@ -342,16 +325,22 @@ def train(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
     if args.batch_size % world:
         raise TrainError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"--out {out}: exists and is not a folder")
+    with undo_if_failed(Path(args.out), enabled=rank == 0):
+        return train_stage(args, Path(args.out), rank, world, device, log)
+
+
+def train_stage(args, out: Path, rank: int, world: int, device: torch.device, log) -> int:
+    """The stage, after the checks that need no data: read and check the data, then write the
+    run folder and train (train's docstring)."""
     cfg, sources = model_config(args)
     record = settings(args, cfg)
     state = read_checkpoint_state(out / CHECKPOINT) if (out / CHECKPOINT).is_file() else None
     if state is not None:
         check_resumable(out, state, record, rescaled=args.scale_factor is not None)
-    cats, splits = read_data(args, out, rank, world, log)
+    cats, splits = read_data(args, out)
     dataset = make_dataset(args, cats, splits)
+    check_data(dataset)  # every file it reads, before anything is written
+    split_notes(args, cats, splits, log)
     tokenizer, tok_source = get_tokenizer(args, cfg, all_prompts(cats))
     nets = build_networks(args, cfg, sources)
     if args.scale_factor is not None:
@@ -368,11 +357,11 @@ def train(args) -> int:
     if args.grad_checkpoint:
         for name in TRAINS[args.stage] + (("unet",) if args.stage == "control" else ()):
             enable_grad_checkpointing(nets[name])
-    if rank == 0:
+    if rank == 0:  # the trained networks first appear with the first checkpoint
+        remove_temporaries([out])  # a killed run's half-written files
+        write_splits(out, cats, splits)
         write_run_folder(out, args, cfg, record, sources, nets, TRAINS[args.stage], tokenizer,
                          tok_source)
-        if state is None:
-            write_trained(out, nets, TRAINS[args.stage], run.control_meta)
     loss_rows = read_loss_log(out / "loss.csv", start) if state is not None else []
     if start >= args.steps:
         log(f"{out}: already trained to step {start} (--steps {args.steps}); nothing to do")

@@ -1,6 +1,7 @@
-"""Training you can watch: every --preview-every steps, process 0 writes
-OUT/samples/step_NNNNNN.png, a small grid of what the model draws now for the same few training
-items (the run's samples 0..3: their images, trimaps and prompts), beside loss.png.
+"""Training you can watch: a progress line every --log-every steps (Progress) and, every
+--preview-every steps, from process 0, OUT/samples/step_NNNNNN.png: a small grid of what the
+model draws now for the same few training items (the run's samples 0..3: their images, trimaps
+and prompts), beside loss.png.
 
 Per row, by stage:
   control      the training pair (defect pasted in) | its trimap | a sample from noise with that
@@ -12,6 +13,7 @@ so grids of successive steps differ only by what the networks learnt.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +78,24 @@ def write_preview(run, tokenizer, items: list[dict], done: int) -> Path:
     path = run.out / "samples" / f"step_{done:06d}.png"
     save_png(grid, path)
     return path
+
+
+class Progress:
+    """A progress line every --log-every steps (and at the first and last): the mean loss since
+    the last line, the rate, and the time left."""
+
+    def __init__(self, start: int, steps: int, every: int, log):
+        self.start, self.steps, self.every, self.log = start, steps, every, log
+        self.t_last, self.s_last, self.recent = time.perf_counter(), start, []
+
+    def add(self, done: int, value: float) -> None:
+        self.recent.append(value)
+        if done % self.every and done != self.steps and done != self.start + 1:
+            return
+        now = time.perf_counter()
+        rate = (done - self.s_last) / max(now - self.t_last, 1e-9)
+        left = (self.steps - done) / rate
+        self.log(f"step {done}/{self.steps}  loss {sum(self.recent) / len(self.recent):.5f}  "
+                 f"{rate:.2f} steps/s  left {int(left // 3600)}:{int(left % 3600 // 60):02d}:"
+                 f"{int(left % 60):02d}")
+        self.t_last, self.s_last, self.recent = now, done, []

@@ -5,13 +5,14 @@ sample's index) alone, so that a run gives the same batches however it is split 
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..config import AutoencoderConfig
+from ..io import write_text_atomic
 from .data import GoodDataset, PairDataset, default_prompt, load_or_make_split, read_category
 from .runfolder import TrainError
 
@@ -93,8 +94,10 @@ def split_path(out: Path, categories: list, i: int) -> Path:
     return out / f"split-{i}-{categories[i].root.resolve().name}.json"
 
 
-def read_data(args, out: Path, rank: int, world: int, log) -> tuple[list, list[dict]]:
-    """The categories and their few-shot splits (made by process 0, read by the others)."""
+def read_data(args, out: Path) -> tuple[list, list[dict]]:
+    """The categories and their few-shot splits: read from the run folder, or made (a function
+    of the file names, k and the seed alone, so every process makes the same) and written later
+    by write_splits, once the data has been checked."""
     cats = [read_category(d, texture=True if args.texture else None, object_name=args.object)
             for d in args.data]
     if args.defect:
@@ -106,19 +109,35 @@ def read_data(args, out: Path, rank: int, world: int, log) -> tuple[list, list[d
     for c in cats if args.stage == "control" else ():
         if not c.defects:
             raise TrainError(f"{c.root}: no defect images with masks to train the trimap branch on")
-    if rank > 0:
-        dist.barrier()  # process 0 makes the splits first; the others then read them
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the short types are reported below, once
-        splits = [load_or_make_split(split_path(out, cats, i), c, args.k, args.seed)
+        splits = [load_or_make_split(split_path(out, cats, i), c, args.k, args.seed, write=False)
                   for i, c in enumerate(cats)]
-    if rank == 0 and world > 1:
-        dist.barrier()
+    return cats, splits
+
+
+def split_notes(args, cats: list, splits: list[dict], log) -> None:
+    """A note for each defect type with fewer than k images (all of them train)."""
     for c, s in zip(cats, splits):
         for d in [d for d in args.defect or sorted(s["defects"]) if d in s["short"]]:
             log(f"note: {c.root.name}/{d} has {s['short'][d]} real defect images, fewer than "
                 f"k={args.k}; training on all {s['short'][d]} (none is left for evaluation)")
-    return cats, splits
+
+
+def write_splits(out: Path, cats: list, splits: list[dict]) -> None:
+    """The splits read_data made, into the run folder (those already there stay as they are)."""
+    for i, split in enumerate(splits):
+        if not split_path(out, cats, i).is_file():
+            write_text_atomic(split_path(out, cats, i), json.dumps(split, indent=1))
+
+
+def check_data(dataset) -> None:
+    """Decode every image, mask and foreground the run will read, into the datasets' caches, so
+    that a bad file is reported before anything is written, not at the step that first reads it."""
+    parts = getattr(dataset, "datasets", [dataset])
+    files = [(d.decoded, kind, path) for d in parts for kind, path in d.files()]
+    for decoded, kind, path in files:
+        getattr(decoded, kind)(path)
 
 
 def make_dataset(args, cats: list, splits: list[dict]) -> torch.utils.data.Dataset:

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from .. import convert
-from ..cli import Parser
+from ..cli import Parser, UsageError, check_writable
 from ..config import UNetConfig
-from ..io import WeightsError, check_state_dict, read_checkpoint, read_json
+from ..io import WeightsError, check_state_dict, read_checkpoint, read_json, remove_temporaries
 from ..tokenizer import Tokenizer
 from ..weights import BUILDERS, SECTIONS, save
 
@@ -209,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise WeightsError(f"{flag} must be at least 1, got {value}")
         if args.scale_factor is not None and not (0 < args.scale_factor < float("inf")):
             raise WeightsError(f"--scale-factor must be a positive number, got {args.scale_factor}")
+        try:
+            check_writable(args.out_dir, "OUT_DIR")
+        except UsageError as e:
+            raise WeightsError(str(e)) from None
+        remove_temporaries([args.out_dir])  # a killed conversion's half-written files
         written = convert_weights(args)
     except WeightsError as e:
         print(f"minibldm.convert: error: {e}", file=sys.stderr)

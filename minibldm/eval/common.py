@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..cli import UsageError
+from ..cli import UsageError, apply_max_pixels, check_writable
 from ..commands.data import (Category, list_images, load_or_make_split, make_split, mask_of,
                              read_category)
 from ..images import DataError
@@ -49,8 +49,12 @@ def check_args(args, at_least: dict[str, int]) -> None:
         raise UsageError(f"--split {args.split}: no such file")
     if args.out and Path(args.out).is_dir():
         raise UsageError(f"--out {args.out}: is a folder; give a file name such as result.json")
+    if args.out:
+        for path in (args.out, Path(args.out).with_suffix(".md")):
+            check_writable(path, "--out", folder=False)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available here")
+    apply_max_pixels(args)
 
 
 def _stored_split(args, category: Category) -> dict:
@@ -188,13 +192,13 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 
 def run_command(prog: str, argv: list[str] | None, parse_args: Callable, compute: Callable,
                 markdown: Callable[[dict], str]) -> int:
-    """main() of an evaluation command: parse, compute the result (and its "wall_seconds"), print
-    its table and, with --out, write the JSON and the table; bad input is one line on stderr and
-    exit status 2."""
+    """main() of an evaluation command: parse, compute the result, print its table and, with
+    --out, write the JSON and the table (no timing in them: the same command writes the same
+    bytes; the wall time goes to stderr); bad input is one line on stderr and exit status 2."""
     try:
         args = parse_args(argv)
         t0 = time.time()
-        result = compute(args) | {"wall_seconds": round(time.time() - t0, 1)}
+        result = compute(args)
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -203,4 +207,5 @@ def run_command(prog: str, argv: list[str] | None, parse_args: Callable, compute
     if args.out:
         write_result(args.out, result, table)
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}", file=sys.stderr)
+    print(f"done in {time.time() - t0:.0f} s", file=sys.stderr)
     return 0

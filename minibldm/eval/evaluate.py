@@ -27,7 +27,7 @@ Metrics (minibldm/eval/metrics.py), per defect type (its test images against tes
 their mean: pixel AUROC, AP, AUPRO (up to a false-positive rate of 0.3), F1-max and the IoU at
 its threshold; image AUROC and AP, the image score being the maximum of the anomaly map averaged
 over 21x21 windows; tied scores count as one threshold. The table goes to stdout; --out writes
-the JSON (metrics, split counts, settings, wall time, the training loss averaged over 50 spans)
+the JSON (metrics, split counts, settings, the training loss averaged over 50 spans)
 and the table beside it (.md). Progress goes to stderr; bad input is one line on stderr naming
 the argument, exit status 2, nothing written.
 """
@@ -43,7 +43,7 @@ import torch
 from . import baselines, detector, metrics
 from .common import (check_args, check_generated, data_errors_as, read_data, run_command,
                      split_pairs, table)
-from ..cli import Parser, UsageError, default_device
+from ..cli import Parser, UsageError, add_max_pixels, default_device
 from ..commands.data import Category, DecodedImages, PairDataset
 
 METHODS = ("minibldm", "minibldm+real", "crop-paste", "perlin", "real-only")
@@ -75,6 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--batch-size", type=int, default=8, metavar="B", help="half good, half defects (8)")
     add("--lr", type=float, default=2e-3, help="Adam learning rate (2e-3)")
     add("--texture", action="store_true", help="a surface: the foreground is the whole image")
+    add_max_pixels(add)
     add("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: cuda when "
         "available, else cpu)")
     add("--out", metavar="RESULT.json", help="the JSON to write; the table goes to RESULT.md")

@@ -32,8 +32,9 @@ and the held-out guard are minibldm.evaluate's. Per defect type:
   JSON records {"skipped": reason}.
 
 "overall": PSNR, change in mask and mask spread over every image pooled; IS, KID and IC-LPIPS
-the mean over types. The JSON (--out) holds "per_type", "overall", "settings", "split",
-"wall_seconds"; a markdown table goes to stdout and beside the JSON as .md. Bad input: one line
+the mean over types. The JSON (--out) holds "per_type", "overall", "settings" and "split"
+(no timing: the same command writes the same bytes); a markdown table goes to stdout and beside
+the JSON as .md. Bad input: one line
 on stderr naming the argument or file, exit status 2, nothing written.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ import torch
 from .common import (Pairs, check_args, check_generated, data_errors_as, manifest_records,
                      read_data, run_command, split_pairs, table)
 from .literature import literature
-from ..cli import Parser, UsageError, default_device
+from ..cli import Parser, UsageError, add_max_pixels, default_device
 from ..commands.data import Category
 from ..images import read_image, read_mask, resize_image
 from ..pipeline import psnr
@@ -135,6 +136,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--cluster-cap", type=int, default=50, metavar="N",
         help="IC-LPIPS: members per cluster used, the first N (50)")
     add("--texture", action="store_true", help="a surface (recorded; no figure depends on it)")
+    add_max_pixels(add)
     add("--device", default=default_device(), help="cpu, cuda, ... for IS, KID and IC-LPIPS "
         "(default: cuda when available, else cpu)")
     add("--out", metavar="RESULT.json", help="the JSON to write; the table goes to RESULT.md")
