@@ -4,7 +4,7 @@ import shutil
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
-COMMANDS = ("sample", "train", "evaluate", "genquality", "synth", "convert")
+COMMANDS = ("sample", "train", "evaluate", "genquality", "synth", "export", "convert")
 
 
 class BuildWithBundledModel(build_py):
@@ -29,7 +29,9 @@ setup(
     packages=find_packages(include=["minibldm", "minibldm.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "einops", "safetensors", "tokenizers", "pillow"],
-    extras_require={"test": ["pytest", "diffusers", "transformers", "scikit-learn", "scipy"],
+    extras_require={"test": ["pytest", "diffusers", "transformers", "scikit-learn", "scipy",
+                             # python -m minibldm.export --onnx, and onnxruntime to check it
+                             "onnx", "onnxscript", "onnxruntime"],
                     # generation-quality metrics (python -m minibldm.genquality); they need
                     # torchvision: install the release that matches your torch first
                     "eval": ["torch-fidelity>=0.3", "lpips>=0.1.4"]},

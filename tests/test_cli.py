@@ -10,7 +10,8 @@ from minibldm.config import Stages
 
 COMMANDS = {"sample": "minibldm.commands.sample", "train": "minibldm.commands.train",
             "evaluate": "minibldm.eval.evaluate", "genquality": "minibldm.eval.genquality",
-            "synth": "minibldm.commands.synth", "convert": "minibldm.convert.checkpoint"}
+            "synth": "minibldm.commands.synth", "convert": "minibldm.convert.checkpoint",
+            "export": "minibldm.commands.export"}
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -26,7 +27,7 @@ def test_help_shows_defaults_and_an_example(name, capsys):
 REQUIRED = {"sample": [], "train": ["--stage", "control", "--data", "d", "--out", "o"],
             "evaluate": ["--data", "d", "--method", "real-only"],
             "genquality": ["--generated", "g", "--data", "d"], "synth": ["out"],
-            "convert": ["src", "out"]}
+            "convert": ["src", "out"], "export": ["--onnx", "out"]}
 
 
 @pytest.mark.parametrize("name", COMMANDS)

@@ -30,7 +30,7 @@ def test_entry_points_and_the_bundled_model_after_a_plain_install(installed, tmp
                            capture_output=True, text=True).stdout.strip()
     assert Path(where) == target / "minibldm" / "bundled" / "tiny"
     assert (Path(where) / "config.json").is_file()
-    for name in ("sample", "train", "evaluate", "genquality", "synth", "convert"):
+    for name in ("sample", "train", "evaluate", "genquality", "synth", "export", "convert"):
         r = subprocess.run([str(target / "bin" / f"minibldm-{name}"), "--help"], cwd=tmp_path,
                            env=env, capture_output=True, text=True)
         assert r.returncode == 0 and "examples:" in r.stdout, (name, r.stderr[-500:])
