@@ -17,13 +17,14 @@ import pytest
 from PIL import Image
 
 from conftest import write_tiny_weights
-from minibldm.commands import sample, synth, train
+from minibldm.commands import export, sample, synth, train
 from minibldm.commands.data import make_split, read_category
 from minibldm.convert import checkpoint
 from minibldm.eval import evaluate, genquality
 
 MAIN = {"sample": sample.main, "train": train.main, "evaluate": evaluate.main,
-        "genquality": genquality.main, "synth": synth.main, "convert": checkpoint.main}
+        "genquality": genquality.main, "synth": synth.main, "convert": checkpoint.main,
+        "export": export.main}
 UNWRITABLE = "/proc/minibldm-test/out"  # no one, root included, can create files there
 
 
@@ -201,6 +202,11 @@ CASES = [
     ("convert-no-src", "convert", lambda fx, t, o: [t / "none.ckpt", o], ["none.ckpt"]),
     ("convert-text-src", "convert", lambda fx, t, o: [fx["bad"] / "notes.txt", o], ["notes.txt"]),
     ("convert-empty-folder", "convert", lambda fx, t, o: [t, o], [str(Path("in"))]),
+    ("export-out-proc", "export", lambda fx, t, o: ["--onnx", UNWRITABLE, "--weights", fx["run"]],
+     ["--onnx", "cannot write"]),
+    ("export-no-weights", "export", lambda fx, t, o: ["--onnx", o, "--weights", t / "none"], ["none"]),
+    ("export-size", "export", lambda fx, t, o: ["--onnx", o, "--weights", fx["run"], "--size", "60"],
+     ["--size 60"]),
 ]
 
 

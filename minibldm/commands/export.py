@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..api import DEFAULT_WEIGHTS
-from ..cli import Parser, UsageError
+from ..cli import Parser, UsageError, check_writable
 from ..io import WeightsError, read_json
 from ..weights import Models, load
 
@@ -156,6 +156,8 @@ def export_onnx(m: Models, weights_dir: Path, out_dir: Path, size: int,
         programs[name] = to_onnx(module, inputs, outputs)
         log(f"{name}: exported in {time.perf_counter() - t0:.1f} s")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".export-*"):  # a killed export's staging folder
+        shutil.rmtree(stale, ignore_errors=True)
     written = []
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as staging:
         for name, program in programs.items():
@@ -166,22 +168,6 @@ def export_onnx(m: Models, weights_dir: Path, out_dir: Path, size: int,
             f.replace(out_dir / f.name)
             written.append(f.name)
     return written
-
-
-def check_out_dir(out: Path) -> None:
-    """UsageError unless `out` is, or can be made as, a writable folder."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--onnx {out}: exists and is not a folder")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"--onnx {out}: {parent} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise UsageError(f"--onnx {out}: cannot write in {parent} ({e.strerror})") from None
 
 
 def model_size(weights_dir: Path, size: int | None, m: Models) -> int:
@@ -210,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"--onnx needs the {package} package: pip install onnx "
                                  "onnxscript") from None
         weights, out = Path(args.weights), Path(args.onnx)
-        check_out_dir(out)
+        check_writable(out, "--onnx")
         m = load(weights)
         if m.config.autoencoder.is_vq:
             raise UsageError(f"--weights {weights}: a VQ autoencoder; the export is for the KL "
