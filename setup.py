@@ -34,7 +34,10 @@ setup(
                              "onnx", "onnxscript", "onnxruntime"],
                     # generation-quality metrics (python -m minibldm.genquality); they need
                     # torchvision: install the release that matches your torch first
-                    "eval": ["torch-fidelity>=0.3", "lpips>=0.1.4"]},
+                    "eval": ["torch-fidelity>=0.3", "lpips>=0.1.4"],
+                    # tests/test_sample_data.py's anomalib check; anomalib needs a torchvision
+                    # built for your torch (here: torch==2.14.1 torchvision==0.29.1 in a venv)
+                    "anomalib": ["anomalib>=2.0"]},
     # minibldm-sample ... : the same as python -m minibldm.sample ...
     entry_points={"console_scripts": [f"minibldm-{c}=minibldm.{c}:main" for c in COMMANDS[:-1]]
                   + ["minibldm-convert=minibldm.convert.checkpoint:main"]},

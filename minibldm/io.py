@@ -113,7 +113,7 @@ def atomic_path(path: str | Path):
 
 
 # The name atomic_path gives its temporary file: the target's name, mkstemp's 8 characters, .tmp
-TEMPORARY = re.compile(r".+\.(png|json|jsonl|safetensors|csv|txt)[a-z0-9_]{8}\.tmp")
+TEMPORARY = re.compile(r".+\.(png|jpg|npy|json|jsonl|safetensors|csv|txt)[a-z0-9_]{8}\.tmp")
 
 
 def remove_temporaries(folders) -> None:

@@ -139,8 +139,8 @@ SAMPLE = "minibldm.commands.sample"
 @pytest.mark.parametrize("hook", [
     (SAMPLE, "write_image", 2, False),  # image 2 drawn, not written: between images
     (SAMPLE, "write_image", 3, False),  # the last image drawn, not written
-    (SAMPLE, "save_png", 9, True),      # halfway through the last image's mask (row, image, mask)
-    (SAMPLE, "save_png", 10, True),     # halfway through the preview sheet
+    (SAMPLE, "save_png", 6, True),      # halfway through the last image's mask (image, mask)
+    (SAMPLE, "contact_sheet", 1, False),  # every image written, the preview sheet not
 ], ids=["between-images", "during-last-image", "during-last-mask", "during-preview"])
 def test_a_killed_sampling_run_resumes_to_the_same_bytes(data, straight_sample, hook):
     out, reference = straight_sample

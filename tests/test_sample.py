@@ -89,7 +89,7 @@ def test_writes_mvtec_layout_manifest_and_preview(tmp_path, inputs):
                 "adapt_loss_after", "psnr_bg_before", "psnr_bg_after", "noise_seed", "window"):
         assert key in lines[0]
     assert lines[0]["prompt"] == "a tile with a crack"
-    assert Image.open(out / "minibldm" / "previews" / f"{run_id}.png").size == (5 * 64, 2 * 64)
+    assert Image.open(out / "minibldm" / "previews" / f"{run_id}.jpg").size == (5 * 64, 2 * 64)
     assert sorted(p.name for p in out.iterdir()) == ["ground_truth", "minibldm", "test"]
 
 

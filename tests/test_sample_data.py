@@ -249,17 +249,17 @@ def test_a_rank_that_starts_late_still_makes_its_own_images(tmp_path, run_folder
 
 
 def test_only_the_dataset_looks_like_data(tmp_path, run_folder):
-    """Every image file in OUT is a test/<type>/ image or its ground_truth/<type>/ mask, or lies
-    two folders down in minibldm/ (the previews), so readers that glob OUT and take an image's
-    last three path parts as split / label / name (anomalib's MVTec AD reader does) see only
-    the dataset; images and masks pair by name and, sorted, in the same order."""
+    """Every *.png in OUT is a test/<type>/ image or its ground_truth/<type>/ mask (the previews
+    in minibldm/ are JPEG), so readers that glob OUT for *.png and take an image's last three
+    path parts as split / label / name (anomalib's MVTec AD reader does) see only the dataset;
+    images and masks pair by name and, sorted, in the same order."""
     cat, run, _ = run_folder
     out = tmp_path / "out"
     assert sample("--data", cat, "--weights", run, "-n", 2, "--out", out, *FAST)[0] == 0
     assert sample("--data", cat, "--weights", run, "-n", 2, "--seed", 1, "--out", out, *FAST)[0] == 0
     found = [p.relative_to(out).parts for p in out.rglob("*") if p.suffix == ".png"]
-    data = [p for p in found if p[0] in ("test", "ground_truth")]
-    assert all(p[0] == "minibldm" and len(p) == 3 for p in found if p not in data)
+    assert all(p[0] in ("test", "ground_truth") and len(p) == 3 for p in found)
+    assert (out / "minibldm" / "previews").is_dir()
     for d in ("crack", "hole"):
         images = sorted((out / "test" / d).iterdir())
         masks = sorted((out / "ground_truth" / d).iterdir())

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..images import save_png
 from . import sample
@@ -70,8 +69,8 @@ def run(weights: Path, out: Path = OUT, log=sys.stderr) -> int:
             rec = json.loads(line)
             rows.append({"category": category, **rec, "image": f"{category}/{rec['image']}",
                          "mask": f"{category}/{rec['mask']}"})
-        previews.append(np.asarray(Image.open(folder / "minibldm" / "previews" / f"{rec['run']}.png")
-                                   .convert("RGB")))
+        previews += [np.load(r, allow_pickle=False) for r in  # the run's preview rows, lossless
+                     sorted((folder / "minibldm" / "preview-rows").glob(f"{rec['run']}_*.npy"))]
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     save_png(np.concatenate(previews, axis=0), out / "preview.png")
     print(f"minibldm demo: {len(rows)} defect images in {time.perf_counter() - t0:.0f} s; look at "

@@ -19,10 +19,11 @@ tools read, everything else under OUT/minibldm/:
                                      seeds, adaptation loss, background PSNR and change_in_mask
                                      (mean |image - x_OK| inside M*, levels of 255)
     OUT/minibldm/runs/<run>.json     the settings of run <run> (8 hex digits of their hash)
-    OUT/minibldm/previews/<run>.png  good | trimap | before adaptation | after | mask overlay
-                                     of the run's first 8 images (its rows: preview-rows/<run>_
-                                     <n>.png; two folders down: tools that take an image's last
-                                     three path parts as split/label/name never read them as data)
+    OUT/minibldm/previews/<run>.jpg  good | trimap | before adaptation | after | mask overlay
+                                     of the run's first 8 images (its rows, lossless: preview-rows/
+                                     <run>_<n>.npy). Not PNG on purpose: anomalib's MVTec AD
+                                     reader takes every *.png / *.PNG under OUT for a sample (and
+                                     fails on one outside test/ and ground_truth/)
     OUT/minibldm/dropped.jsonl       with --min-change: the images dropped (no defect appeared)
 
 <k> has 6 digits. Image k depends only on (seed, k) (and its defect type with --data), so
@@ -48,7 +49,7 @@ import torch
 from ..api import DEFAULT_WEIGHTS, Job, Pipeline
 from ..config import LATENT_MASKS, AdaptConfig, SampleConfig, Stages
 from ..images import DataError, save_png, to_uint8
-from ..io import WeightsError, remove_temporaries, write_text_atomic
+from ..io import WeightsError, atomic_path, remove_temporaries, write_text_atomic
 from ..pipeline import image_seed
 from ..cli import (PRECISIONS, Parser, UsageError, add_max_pixels, apply_max_pixels,
                    check_writable, default_device)
@@ -56,7 +57,7 @@ from .sampleplan import (category_sources, check_control_names, check_numbers, d
                          hand_wired_sources, plan_source, run_id, run_settings)
 
 KNOBS = SampleConfig()  # the method's knobs with their defaults, from minibldm/config.py
-PREVIEW_ROWS = 8  # images drawn in preview.png
+PREVIEW_ROWS = 8  # images drawn in a run's preview
 
 
 def parse_args(argv):
@@ -360,8 +361,9 @@ def sample_chunk(args, pipe: Pipeline, run: str, chunk: list, total: int, log) -
         for (n, src, plan, attempt), item in zip(todo, draw_chunk(args, pipe, run, todo, total, log)):
             if item["record"]["change_in_mask"] >= args.min_change:
                 if n < PREVIEW_ROWS:  # the run's preview row, kept for the sheet, before the image
-                    save_png(np.concatenate([to_uint8(t) for t in item["row"]], axis=1),
-                             out / "minibldm" / "preview-rows" / f"{run}_{n:06d}.png")
+                    with atomic_path(out / "minibldm" / "preview-rows" / f"{run}_{n:06d}.npy") as tmp:
+                        with open(tmp, "wb") as f:
+                            np.save(f, np.concatenate([to_uint8(t) for t in item["row"]], axis=1))
                 write_image(out, item, total, log)
                 written += 1
             elif attempt < args.redraws:
@@ -383,10 +385,11 @@ def overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def contact_sheet(meta: Path, run: str) -> None:
-    """META/previews/<run>.png: the rows META/preview-rows/<run>_*.png (good | trimap | before |
+    """META/previews/<run>.jpg: the rows META/preview-rows/<run>_*.npy (good | trimap | before |
     after | overlay of the run's first PREVIEW_ROWS images) one below the other: the same sheet
     after any resume."""
-    rows = sorted((meta / "preview-rows").glob(f"{run}_*.png"))
+    rows = sorted((meta / "preview-rows").glob(f"{run}_*.npy"))
     if rows:
-        save_png(np.concatenate([np.asarray(Image.open(r)) for r in rows], axis=0),
-                 meta / "previews" / f"{run}.png")
+        sheet = np.concatenate([np.load(r, allow_pickle=False) for r in rows], axis=0)
+        with atomic_path(meta / "previews" / f"{run}.jpg") as tmp:
+            Image.fromarray(sheet).save(tmp, format="JPEG", quality=95)
