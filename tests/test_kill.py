@@ -66,6 +66,16 @@ def same_files(folder: Path, reference: dict) -> None:
     assert [str(k) for k in got if got[k] != reference[k]] == []
 
 
+def kill_and_resume(command, make_args, data, straight, hook):
+    """Kill the command at `hook`, rerun it, and compare every file with the straight run's."""
+    out, reference = straight
+    shutil.rmtree(out, ignore_errors=True)
+    assert run(command, make_args(data, out), hook) == -9
+    assert run(command, make_args(data, out)) == 0
+    assert not list(out.rglob("*.tmp"))
+    same_files(out, reference)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
@@ -103,12 +113,7 @@ TRAIN = "minibldm.commands.train"
     (TRAIN, "write_trained", 2, False),   # step 4's checkpoint written, its weights not yet
 ], ids=["between-checkpoints", "during-checkpoint-write", "between-checkpoint-and-weights"])
 def test_a_killed_training_run_resumes_to_the_same_bytes(data, straight_run, hook):
-    out, reference = straight_run
-    shutil.rmtree(out, ignore_errors=True)
-    assert run("train", train_args(data, out), hook) == -9
-    assert run("train", train_args(data, out)) == 0
-    assert not list(out.rglob("*.tmp"))
-    same_files(out, reference)
+    kill_and_resume("train", train_args, data, straight_run, hook)
 
 
 # ---- sampling -----------------------------------------------------------------------------------
@@ -140,12 +145,7 @@ SAMPLE = "minibldm.commands.sample"
     (SAMPLE, "contact_sheet", 1, False),  # every image written, the preview sheet not
 ], ids=["during-last-image", "during-last-mask", "during-preview"])
 def test_a_killed_sampling_run_resumes_to_the_same_bytes(data, straight_sample, hook):
-    out, reference = straight_sample
-    shutil.rmtree(out, ignore_errors=True)
-    assert run("sample", sample_args(data, out), hook) == -9
-    assert run("sample", sample_args(data, out)) == 0
-    assert not list(out.rglob("*.tmp"))
-    same_files(out, reference)
+    kill_and_resume("sample", sample_args, data, straight_sample, hook)
 
 
 def test_a_finished_sampling_run_rerun_changes_nothing(data, straight_sample, tmp_path):

@@ -165,8 +165,9 @@ def undo_if_failed(out: Path, enabled: bool = True):
         if enabled and not (out / CHECKPOINT).is_file():
             if not existed:
                 shutil.rmtree(out, ignore_errors=True)
-            for p in sorted(set(out.rglob("*")) - before, reverse=True) if existed else ():
-                p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
+            else:  # deepest first, so that each new folder is empty when its turn comes
+                for p in sorted(set(out.rglob("*")) - before, reverse=True):
+                    p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
         raise
 
 

@@ -134,10 +134,9 @@ def write_splits(out: Path, cats: list, splits: list[dict]) -> None:
 def check_data(dataset) -> None:
     """Decode every image, mask and foreground the run will read, into the datasets' caches, so
     that a bad file is reported before anything is written, not at the step that first reads it."""
-    parts = getattr(dataset, "datasets", [dataset])
-    files = [(d.decoded, kind, path) for d in parts for kind, path in d.files()]
-    for decoded, kind, path in files:
-        getattr(decoded, kind)(path)
+    for part in getattr(dataset, "datasets", [dataset]):
+        for kind, path in part.files():
+            getattr(part.decoded, kind)(path)
 
 
 def make_dataset(args, cats: list, splits: list[dict]) -> torch.utils.data.Dataset:
