@@ -4,7 +4,8 @@ with every file byte-identical to an uninterrupted run's, and no temporary file 
 Each kill is a real SIGKILL that the process sends itself at a chosen point (a hook patched in
 before the command runs), so the moment is exact and the test repeatable: between checkpoints,
 halfway through writing a checkpoint, between the checkpoint and the weights it goes with,
-before the last image is written, and halfway through writing the last image's mask."""
+before the last image is written, and halfway through writing the last image's mask; and an
+evaluate run's detector between checkpoints, halfway through one, and after its result."""
 import shutil
 import subprocess
 import sys
@@ -44,15 +45,16 @@ sys.exit(importlib.import_module({command!r}).main(sys.argv[1:]))
 """
 
 
-def run(command, argv, hook=None):
-    """minibldm.commands.<command>'s main(argv) in a process of one thread; hook = (owner
-    module, dotted attribute, call, half) kills it there. Returns the exit status."""
+def run(command, argv, hook=None, expect=(0, -9)):
+    """minibldm.commands.<command>'s main(argv) (or the module `command` names, when dotted) in
+    a process of one thread; hook = (owner module, dotted attribute, call, half) kills it
+    there. Returns the exit status."""
     owner, path, call, half = hook or ("minibldm.io", "atomic_path", 0, False)
-    code = SCRIPT.format(owner=owner, path=path.split("."), call=call, half=half,
-                         command=f"minibldm.commands.{command}")
+    module = command if "." in command else f"minibldm.commands.{command}"
+    code = SCRIPT.format(owner=owner, path=path.split("."), call=call, half=half, command=module)
     r = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True,
                        text=True, timeout=600)
-    assert r.returncode in (0, -9), r.stderr[-2000:]
+    assert r.returncode in expect, r.stderr[-2000:]
     return r.returncode
 
 
@@ -156,6 +158,49 @@ def test_a_finished_sampling_run_rerun_changes_nothing(data, straight_sample, tm
     (out / "minibldm" / "previews").rename(tmp_path / "gone")
     assert run("sample", sample_args(data, out)) == 0
     same_files(out, reference)
+
+
+# ---- evaluate's detector ------------------------------------------------------------------------
+
+EVALUATE, DETECTOR = "minibldm.eval.evaluate", "minibldm.eval.detector"
+
+
+def evaluate_args(category, out, lr=2e-3):
+    return ["--data", category, "--method", "crop-paste", "--k", 2, "--detector-steps", 6,
+            "--checkpoint-every", 2, "--size", 32, "--batch-size", 2, "--lr", lr,
+            "--out", out / "result.json", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def straight_evaluate(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    write_dataset(root / "data", per_class=4, size=32, categories=["washer"], test_good=2,
+                  test_per_defect=4, log=None)
+    out = root / "out"
+    assert run(EVALUATE, evaluate_args(root / "data" / "washer", out)) == 0
+    reference = files(out)
+    assert sorted(map(str, reference)) == ["result.json", "result.md"]  # no resume file left
+    shutil.rmtree(out)
+    return root / "data" / "washer", (out, reference)
+
+
+@pytest.mark.parametrize("hook", [
+    (DETECTOR, "loss", 5, False),         # at step 5, its last checkpoint at step 4
+    (DETECTOR, "save_atomic", 2, True),   # halfway through writing step 4's checkpoint
+    (EVALUATE, "finished", 1, False),     # the result written, the resume file not yet removed
+], ids=["between-checkpoints", "during-checkpoint-write", "after-the-result"])
+def test_a_killed_evaluate_run_resumes_to_the_same_bytes(straight_evaluate, hook):
+    category, straight = straight_evaluate
+    kill_and_resume(EVALUATE, lambda c, out: evaluate_args(c, out), category, straight, hook)
+
+
+def test_evaluate_refuses_a_resume_file_of_other_settings(straight_evaluate, capfd):
+    category, (out, _) = straight_evaluate
+    shutil.rmtree(out, ignore_errors=True)
+    assert run(EVALUATE, evaluate_args(category, out), (DETECTOR, "loss", 5, False)) == -9
+    before = files(out)
+    assert run(EVALUATE, evaluate_args(category, out, lr=1e-3), expect=(2,)) == 2
+    assert files(out) == before  # the resume file is kept for the run that wrote it
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(data, tmp_path, monkeypatch,

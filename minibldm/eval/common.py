@@ -191,10 +191,11 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def run_command(prog: str, argv: list[str] | None, parse_args: Callable, compute: Callable,
-                markdown: Callable[[dict], str]) -> int:
+                markdown: Callable[[dict], str], written: Callable | None = None) -> int:
     """main() of an evaluation command: parse, compute the result, print its table and, with
     --out, write the JSON and the table (no timing in them: the same command writes the same
-    bytes; the wall time goes to stderr); bad input is one line on stderr and exit status 2."""
+    bytes; the wall time goes to stderr), then call written(args); bad input is one line on
+    stderr and exit status 2."""
     try:
         args = parse_args(argv)
         t0 = time.time()
@@ -207,5 +208,7 @@ def run_command(prog: str, argv: list[str] | None, parse_args: Callable, compute
     if args.out:
         write_result(args.out, result, table)
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}", file=sys.stderr)
+        if written is not None:
+            written(args)
     print(f"done in {time.time() - t0:.0f} s", file=sys.stderr)
     return 0

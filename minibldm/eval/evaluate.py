@@ -30,10 +30,16 @@ over 21x21 windows; tied scores count as one threshold. The table goes to stdout
 the JSON (metrics, split counts, settings, the training loss averaged over 50 spans)
 and the table beside it (.md). Progress goes to stderr; bad input is one line on stderr naming
 the argument, exit status 2, nothing written.
+
+Resuming: with --out, the detector's training is saved every --checkpoint-every steps to
+RESULT.resume.safetensors, and the same command run again after a kill resumes from it and
+writes the same bytes as an uninterrupted run; the file is removed once RESULT.json is written.
+A resume file left by other settings is refused (delete it to start over).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -45,6 +51,7 @@ from .common import (check_args, check_generated, data_errors_as, read_data, run
                      split_pairs, table)
 from ..cli import Parser, UsageError, add_max_pixels, default_device
 from ..commands.data import Category, DecodedImages, PairDataset
+from ..io import TEMPORARY
 
 METHODS = ("minibldm", "minibldm+real", "crop-paste", "perlin", "real-only")
 GENERATED = ("minibldm", "minibldm+real")  # the methods that read --generated
@@ -79,8 +86,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: cuda when "
         "available, else cpu)")
     add("--out", metavar="RESULT.json", help="the JSON to write; the table goes to RESULT.md")
+    add("--checkpoint-every", type=int, default=200, metavar="N", help="with --out, save the "
+        "detector every N steps to RESULT.resume.safetensors, from which the same command "
+        "resumes after a kill (default 200; 0: never)")
     args = p.parse_args(argv)
-    check_args(args, {"k": 1, "seed": 0, "detector_steps": 1, "size": 16, "batch_size": 2})
+    check_args(args, {"k": 1, "seed": 0, "detector_steps": 1, "size": 16, "batch_size": 2,
+                      "checkpoint_every": 0})
     if args.method in GENERATED and not args.generated:
         raise UsageError(f"--generated DIR is required with --method {args.method}")
     if args.generated and args.method not in GENERATED:
@@ -191,9 +202,40 @@ def decode_all(category: Category, split: dict, tests: dict, decoded: DecodedIma
     return images, masks, good
 
 
-def train_and_score(args, batches, test_images: dict, test_masks: dict, good_images, log):
+def resume_file(args) -> Path | None:
+    """Where --out's detector training is saved for a resume (None without --out)."""
+    return Path(args.out).with_suffix(".resume.safetensors") if args.out else None
+
+
+def checkpoint(args, settings: dict) -> detector.Checkpoint | None:
+    """The detector's checkpoint for a resumable run (None without --out or with
+    --checkpoint-every 0). Refuses one written with other settings; removes the temporary
+    files a kill may have left beside the result."""
+    path = resume_file(args)
+    if path is None or args.checkpoint_every == 0:
+        return None
+    names = (path.name, Path(args.out).name, Path(args.out).with_suffix(".md").name)
+    for tmp in path.parent.glob("*.tmp"):  # only this run's: others may write in the folder
+        if TEMPORARY.fullmatch(tmp.name) and tmp.name.startswith(names):
+            tmp.unlink(missing_ok=True)
+    key = json.dumps(settings, sort_keys=True)
+    ckpt = detector.Checkpoint(path, key, args.checkpoint_every)
+    try:
+        stored = ckpt.stored_key()
+    except Exception as e:  # noqa: BLE001 - the safetensors reader raises several types
+        raise UsageError(f"{path}: not a readable resume file ({type(e).__name__}); delete it "
+                         "to start over") from None
+    if stored is not None and stored != key:
+        raise UsageError(f"{path}: left by an evaluate run with other settings; delete it to "
+                         "start this run from step 0")
+    return ckpt
+
+
+def train_and_score(args, batches, test_images: dict, test_masks: dict, good_images, log,
+                    ckpt: detector.Checkpoint | None = None):
     """Train a fresh detector (its initial weights from --seed alone), deterministically, and
-    score it; returns (the loss per step, the metrics per type)."""
+    score it; returns (the loss per step, the metrics per type). ckpt: resume from it and save
+    to it (detector.Checkpoint)."""
     def maps(images: torch.Tensor) -> torch.Tensor:
         return detector.anomaly_maps(net, baselines.signed(images), device=args.device)
 
@@ -204,7 +246,8 @@ def train_and_score(args, batches, test_images: dict, test_masks: dict, good_ima
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             net = detector.SegNet().to(args.device)
-        losses = detector.train(net, batches, args.detector_steps, lr=args.lr, device=args.device, log=log)
+        losses = detector.train(net, batches, args.detector_steps, lr=args.lr, device=args.device,
+                                log=log, checkpoint=ckpt)
         log(f"scoring {sum(len(v) for v in test_images.values()) + len(good_images)} test images")
         good_maps = maps(good_images)
         good_scores = detector.image_scores(good_maps)
@@ -230,14 +273,15 @@ def evaluate(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> d
         f"{len(category.test_good)} good images")
     for t in sorted(set(category.defects) - set(tests)):
         log(f"note: {t} has {n_train[t]} images, no more than k={args.k}: none left for testing")
-    with data_errors_as("--data"):  # a defect that fits no foreground, a missing foreground mask
-        losses, per_type = train_and_score(args, make_batches(args, category, decoded, source),
-                                           test_images, test_masks, good_images, log)
     settings = {"method": args.method, "data": str(args.data), "generated": args.generated,
                 "split": args.split, "k": args.k, "seed": args.seed, "split_seed": args.split_seed,
                 "steps": args.detector_steps, "size": args.size, "batch_size": args.batch_size,
                 "lr": args.lr, "texture": category.texture, "device": args.device,
                 "torch": torch.__version__}
+    ckpt = checkpoint(args, settings)
+    with data_errors_as("--data"):  # a defect that fits no foreground, a missing foreground mask
+        losses, per_type = train_and_score(args, make_batches(args, category, decoded, source),
+                                           test_images, test_masks, good_images, log, ckpt)
     return {"settings": settings, "per_type": per_type,
             "mean": {k: float(np.mean([m[k] for m in per_type.values()])) for k in METRICS},
             "split": {"train": n_train, "test": {t: len(p) for t, p in tests.items()},
@@ -248,5 +292,10 @@ def evaluate(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> d
             "loss_curve": detector.loss_curve(losses)}
 
 
+def finished(args) -> None:
+    """The result is written: its resume file is no longer needed."""
+    resume_file(args).unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command(PROG, argv, parse_args, evaluate, markdown)
+    return run_command(PROG, argv, parse_args, evaluate, markdown, finished)
