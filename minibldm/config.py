@@ -57,6 +57,7 @@ class UNetConfig:
     context_dim: int = 768                # width of the text embedding fed to cross-attention
     norm_num_groups: int = 32             # GroupNorm groups (32 in all public checkpoints)
     hint_channels: int = 3                # trimap channels read by the control branch's embedder
+    hint_factor: int = 8                  # the embedder's downsampling: the autoencoder's f (8, 4, 2)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,15 @@ class ModelConfig:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     text: TextConfig = field(default_factory=TextConfig)
+
+    def hint_mismatch(self) -> str | None:
+        """Why a trimap branch cannot run with these networks (None when it can): its embedder
+        must shrink the image by the autoencoder's factor, to the latent's size."""
+        if self.unet.hint_factor == self.autoencoder.factor:
+            return None
+        return (f"unet.hint_factor {self.unet.hint_factor} differs from the autoencoder's factor "
+                f"f = {self.autoencoder.factor} (2 ** (len(ch_mult) - 1)); the trimap branch "
+                "maps the image to the latent, so set unet.hint_factor to f")
 
     @property
     def size_multiple(self) -> int:

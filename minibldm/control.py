@@ -2,8 +2,9 @@
 embedder zeta and the trimap encoder eps_tri, built as ControlNet (Zhang et al. 2023, "Adding
 Conditional Control to Text-to-Image Diffusion Models").
 
-zeta (`input_hint_block`) maps the trimap (B, 3, 8h, 8w) to (B, model_channels, h, w) with
-3x3 convs and SiLU and a zero-initialised last conv. eps_tri is a trainable copy of the UNet's
+zeta (`input_hint_block`) maps the trimap (B, 3, fh, fw) to (B, model_channels, h, w) with
+3x3 convs and SiLU and a zero-initialised last conv; f is the autoencoder's factor (8 in every
+public ControlNet; 4 for an f4 autoencoder such as LDM's VQ-f4, `UNetConfig.hint_factor`). eps_tri is a trainable copy of the UNet's
 time embedding, input blocks and middle block; zeta's output is added after its first conv, and
 a zero-initialised 1x1 conv after each input block (`zero_convs`) and after the middle block
 (`middle_block_out`) gives the residuals that `UNet.forward(..., control=)` adds to its skip
@@ -11,6 +12,8 @@ connections and middle output. Attribute names equal the keys under `control_mod
 ControlNet / AdaBLDM checkpoints.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -27,11 +30,16 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def make_hint_block(hint_channels: int, out_channels: int) -> nn.Sequential:
-    """zeta: (conv, SiLU) pairs through HINT_CHANNELS, stride 2 wherever the width grows (three
-    times: f = 8, the autoencoder's factor), then a zero conv to the UNet width."""
-    layers, ch = [nn.Conv2d(hint_channels, HINT_CHANNELS[0], 3, padding=1), nn.SiLU()], HINT_CHANNELS[0]
-    for out in HINT_CHANNELS[1:]:
+def make_hint_block(hint_channels: int, out_channels: int, factor: int = 8) -> nn.Sequential:
+    """zeta: (conv, SiLU) pairs through HINT_CHANNELS, stride 2 wherever the width grows, then a
+    zero conv to the UNet width. factor = the autoencoder's f: 8 (SD, three growths: every
+    public ControlNet), 4 or 2 stop after two or one growth (diffusers' ControlNetModel with
+    conditioning_embedding_out_channels (16, 32, 96) or (16, 32))."""
+    if factor not in (2, 4, 8):
+        raise ValueError(f"hint_factor must be 2, 4 or 8, got {factor}")
+    widths = HINT_CHANNELS[:1 + 2 * int(math.log2(factor))]
+    layers, ch = [nn.Conv2d(hint_channels, widths[0], 3, padding=1), nn.SiLU()], widths[0]
+    for out in widths[1:]:
         layers += [nn.Conv2d(ch, out, 3, padding=1, stride=2 if out != ch else 1), nn.SiLU()]
         ch = out
     layers.append(zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
@@ -45,7 +53,8 @@ class ControlNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.time_embed = make_time_embed(cfg)
-        self.input_hint_block = make_hint_block(cfg.hint_channels, cfg.model_channels)
+        self.input_hint_block = make_hint_block(cfg.hint_channels, cfg.model_channels,
+                                                 cfg.hint_factor)
         self.input_blocks, chans = make_input_blocks(cfg)
         self.zero_convs = nn.ModuleList(
             [nn.Sequential(zero_module(nn.Conv2d(c, c, 1))) for c in chans])
@@ -64,7 +73,7 @@ class ControlNet(nn.Module):
     def forward(self, x: torch.Tensor, hint: torch.Tensor, t: torch.Tensor,
                 context: torch.Tensor) -> list[torch.Tensor]:
         """The residuals r of METHOD.md (3), one per UNet skip connection and one for the middle.
-        x: (B, C, h, w) noisy latent; hint: (B, 3, 8h, 8w) trimap in [0, 1]; t: (B,) or ();
+        x: (B, C, h, w) noisy latent; hint: (B, 3, fh, fw) trimap in [0, 1] (f = cfg.hint_factor); t: (B,) or ();
         context: (B, T, context_dim) (AdaBLDM feeds the empty prompt's embedding here)."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).type(x.dtype))

@@ -78,11 +78,14 @@ def load(weights_dir: str | Path, device: str | torch.device = "cpu",
     raw = read_config(d)
     source = str(d / "config.json")
     cfgs = {name: section(raw, name, source) for name in ("autoencoder", "unet", "text_encoder")}
-    nets = {name: load_network(name, cfgs[name], d / FILES[name], device, dtype) for name in cfgs}
-    control_path = Path(control) if control is not None else d / FILES["control"]
-    if control is not None or control_path.is_file():
-        nets["control"] = load_network("control", cfgs["unet"], control_path, device, dtype)
     config = ModelConfig(cfgs["autoencoder"], cfgs["unet"], cfgs["text_encoder"])
+    control_path = Path(control) if control is not None else d / FILES["control"]
+    with_control = control is not None or control_path.is_file()
+    if with_control and config.hint_mismatch():
+        raise WeightsError(f"{source}: {config.hint_mismatch()}")
+    nets = {name: load_network(name, cfgs[name], d / FILES[name], device, dtype) for name in cfgs}
+    if with_control:
+        nets["control"] = load_network("control", cfgs["unet"], control_path, device, dtype)
     tok = Tokenizer.from_file(d, max_length=config.text.max_position_embeddings)
     return Models(config, tokenizer=tok, **nets)
 

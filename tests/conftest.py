@@ -29,8 +29,9 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torc
     return module
 
 
-def write_tiny_weights(folder, control: bool = True, seed: int = 0):
-    """A complete weights folder with tiny random networks and a small trained BPE vocabulary."""
+def write_tiny_weights(folder, control: bool = True, seed: int = 0, factor: int = 8):
+    """A complete weights folder with tiny random networks and a small trained BPE vocabulary;
+    the autoencoder's factor (and the trimap embedder's) is `factor`."""
     from minibldm.autoencoder import Autoencoder
     from minibldm.clip import TextEncoder
     from minibldm.config import AutoencoderConfig, TextConfig, UNetConfig
@@ -41,10 +42,12 @@ def write_tiny_weights(folder, control: bool = True, seed: int = 0):
 
     tok = Tokenizer.train(["a tile with a crack", "a tile with a scratch", "a washer with a hole",
                            "a pill with a stain", "a metal part with a dent"], vocab_size=600)
-    cfgs = {"autoencoder": AutoencoderConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1,
-                                             norm_num_groups=8),
+    levels = {8: 4, 4: 3, 2: 2}[factor]
+    cfgs = {"autoencoder": AutoencoderConfig(ch=16, ch_mult=(1, 2, 2, 2)[:levels],
+                                             num_res_blocks=1, norm_num_groups=8),
             "unet": UNetConfig(model_channels=16, channel_mult=(1, 2), attention_resolutions=(2,),
-                               num_heads=2, context_dim=32, norm_num_groups=8, num_res_blocks=1),
+                               num_heads=2, context_dim=32, norm_num_groups=8, num_res_blocks=1,
+                               hint_factor=factor),
             "text": TextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                num_hidden_layers=1, num_attention_heads=2)}
     torch.manual_seed(seed)

@@ -53,9 +53,10 @@ def reference():
     ctrl = diffusers.ControlNetModel(
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         layers_per_block=1, cross_attention_dim=128, attention_head_dim=2)
-    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1,
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=0.5)
+    # f = 8 like SD's, so that the ControlNet's trimap embedder (which shrinks by 8) fits it
+    vae = diffusers.AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.5)
     clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=49408, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu"))

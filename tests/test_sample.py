@@ -367,3 +367,23 @@ def test_min_change_redraws_then_drops_and_resume_skips_the_dropped(tmp_path, in
     assert all(d["change_in_mask"] != first[d["index"]] for d in dropped)  # new noise, new image
     bad = run(inputs, tmp_path / "bad", "--min-change", "-1", n="1")
     assert bad.returncode == 2 and "--min-change" in bad.stderr
+
+
+def test_an_f4_model_samples_and_a_mismatched_branch_is_refused(tmp_path, inputs):
+    """An f4 autoencoder (latents a quarter of the image's side: the paper's VQ-f4 family) with
+    its f4 trimap branch runs the whole method, the image keeping its size; a config whose
+    branch shrinks by 8 while the autoencoder shrinks by 4 is one line and exit status 2."""
+    root, _ = inputs
+    f4 = write_tiny_weights(tmp_path / "f4", factor=4)
+    r = run((root, f4), tmp_path / "out", n="1")
+    assert r.returncode == 0, r.stderr
+    [record] = manifest(tmp_path / "out")
+    assert Image.open(tmp_path / "out" / record["image"]).size == (80, 80)
+    assert record["change_in_mask"] > 0
+    config = json.loads((f4 / "config.json").read_text())
+    config["unet"]["hint_factor"] = 8
+    (f4 / "config.json").write_text(json.dumps(config))
+    bad = run((root, f4), tmp_path / "bad", n="1")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "hint_factor 8" in bad.stderr and "f = 4" in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -1,17 +1,21 @@
 """UNet and trimap branch vs diffusers' UNet2DConditionModel and ControlNetModel, through the
 same key conversion users run (minibldm.convert)."""
+import dataclasses
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import max_abs, randomize
-
-from types import SimpleNamespace
 
 from minibldm import fast
 from minibldm.config import UNetConfig
 from minibldm.fast.conv import MatmulConv2d
 from minibldm.control import ControlNet
 from minibldm.convert import (control_from_diffusers, control_to_diffusers, unet_from_diffusers,
-                              unet_to_diffusers)
+                              unet_to_diffusers, unet_config_from_state_dict)
+from minibldm.convert.checkpoint import unet_config_from_diffusers
 from minibldm.io import load_into
 from minibldm.unet import UNet
 
@@ -130,6 +134,31 @@ def test_copy_from_unet_initialises_control():
         res = ctrl(x, hint, t, ctx)
         assert all(r.abs().max() == 0 for r in res)
         assert max_abs(unet(x, t, ctx, control=res), unet(x, t, ctx)) == 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("factor", [4, 2])
+def test_the_trimap_branch_of_an_f4_or_f2_autoencoder_matches_diffusers(factor):
+    """An f4 latent (LDM's VQ-f4, the paper's autoencoder family) needs a trimap embedder that
+    shrinks the image 4 times, not 8: diffusers' ControlNetModel with two or one stride-2 stage
+    (conditioning_embedding_out_channels), converted as users convert it, the factor read off
+    the keys and off diffusers' config."""
+    cfg = dataclasses.replace(TINY, hint_factor=factor)
+    widths = (16, 32, 96, 256)[:int(math.log2(factor)) + 1]
+    ref = randomize(diffusers.ControlNetModel(conditioning_channels=3,
+                                              conditioning_embedding_out_channels=widths,
+                                              **diffusers_kwargs(cfg)), 2).eval()
+    sd = control_from_diffusers(ref.state_dict(), cfg)
+    assert unet_config_from_state_dict(sd, cfg.num_heads, cfg.norm_num_groups).hint_factor == factor
+    assert unet_config_from_diffusers(dict(ref.config), Path("controlnet")).hint_factor == factor
+    assert set(control_to_diffusers(sd, cfg)) == set(ref.state_dict())
+    ctrl = load_into(ControlNet(cfg), sd, "diffusers controlnet", "control branch").eval()
+    x, t, ctx, _ = inputs(cfg)
+    hint = torch.rand(2, 3, 16 * factor, 16 * factor, generator=torch.Generator().manual_seed(3))
+    down, mid = ref(x, t, ctx, controlnet_cond=hint, return_dict=False)
+    for i, (a, b) in enumerate(zip(ctrl(x, hint, t, ctx), list(down) + [mid])):
+        assert b.abs().mean() > 1e-3, i
+        assert max_abs(a, b) <= 1e-5, i
 
 
 def test_sd15_layouts_map_every_key_both_ways():

@@ -95,6 +95,8 @@ def check_model(args, cfg: ModelConfig, sources: dict[str, str]) -> None:
     if args.size % cfg.size_multiple:
         raise TrainError(f"--size {args.size}: must be a multiple of {cfg.size_multiple} for "
                          "this model")
+    if args.stage == "control" and cfg.hint_mismatch():
+        raise TrainError(f"the model config: {cfg.hint_mismatch()}")
 
 
 @torch.no_grad()

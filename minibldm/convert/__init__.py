@@ -8,6 +8,8 @@ a CompVis-layout state dict's shapes.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import AutoencoderConfig, TextConfig, UNetConfig
@@ -127,11 +129,13 @@ def _unet_prefixes(cfg: UNetConfig, control: bool) -> list[tuple[str, str, tuple
               ("middle_block.2.", "mid_block.resnets.1.", _RESBLOCK)]
     if control:
         pairs += [(f"zero_convs.{i}.0.", f"controlnet_down_blocks.{i}.", ()) for i in range(k)]
+        blocks = 2 * int(math.log2(cfg.hint_factor))  # convs between conv_in and conv_out
         pairs += [("middle_block_out.0.", "controlnet_mid_block.", ()),
                   ("input_hint_block.0.", "controlnet_cond_embedding.conv_in.", ()),
-                  ("input_hint_block.14.", "controlnet_cond_embedding.conv_out.", ())]
+                  (f"input_hint_block.{2 * blocks + 2}.", "controlnet_cond_embedding.conv_out.",
+                   ())]
         pairs += [(f"input_hint_block.{2 * m + 2}.", f"controlnet_cond_embedding.blocks.{m}.", ())
-                  for m in range(6)]
+                  for m in range(blocks)]
         return pairs
     for i, level in enumerate(reversed(range(levels))):  # diffusers' up_blocks[i] is level L-1-i
         for j in range(n + 1):
@@ -217,7 +221,10 @@ def unet_config_from_state_dict(sd: dict, num_heads: int = 8,
                       attention_resolutions=tuple(sorted(attn, reverse=True)), num_heads=num_heads,
                       transformer_depth=_count(sd, "middle_block.1.transformer_blocks."),
                       context_dim=context_dim, norm_num_groups=norm_num_groups,
-                      hint_channels=hint.shape[1] if hint is not None else 3)
+                      hint_channels=hint.shape[1] if hint is not None else 3,
+                      # conv_in, two convs per stride-2 growth, conv_out (control.make_hint_block)
+                      hint_factor=2 ** ((_count(sd, "input_hint_block.") - 2) // 2) if hint is not None
+                      else 8)
 
 
 def autoencoder_config_from_state_dict(sd: dict, scale_factor: float | None = None,

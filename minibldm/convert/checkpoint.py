@@ -93,7 +93,8 @@ def unet_config_from_diffusers(cfg: dict, source: Path) -> UNetConfig:
         transformer_depth=depth[0] if isinstance(depth, list) else depth,
         context_dim=cfg.get("cross_attention_dim", 768),
         norm_num_groups=cfg.get("norm_num_groups", 32),
-        hint_channels=cfg.get("conditioning_channels", 3))
+        hint_channels=cfg.get("conditioning_channels", 3),
+        hint_factor=2 ** (len(cfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) - 1))
 
 
 def read_configs(parts: dict, args, unet: UNetConfig | None = None, scale: float | None = None,
@@ -166,8 +167,10 @@ def convert_weights(args) -> list[str]:
                                                    base.norm_num_groups)
         if "unet" in configs:
             fits = [f.name for f in dataclasses.fields(ccfg) if getattr(ccfg, f.name) !=
-                    getattr(base, f.name) and f.name not in ("out_channels", "hint_channels")]
-            ccfg = dataclasses.replace(base, hint_channels=ccfg.hint_channels)
+                    getattr(base, f.name) and f.name not in ("out_channels", "hint_channels",
+                                                             "hint_factor")]
+            ccfg = dataclasses.replace(base, hint_channels=ccfg.hint_channels,
+                                       hint_factor=ccfg.hint_factor)
         configs["unet"] = ccfg
     if args.vocab:
         tok = Tokenizer.from_file(args.vocab)
