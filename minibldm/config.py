@@ -80,13 +80,11 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
 
     def hint_mismatch(self) -> str | None:
-        """Why a trimap branch cannot run with these networks (None when it can): its embedder
-        must shrink the image by the autoencoder's factor, to the latent's size."""
-        if self.unet.hint_factor == self.autoencoder.factor:
-            return None
-        return (f"unet.hint_factor {self.unet.hint_factor} differs from the autoencoder's factor "
-                f"f = {self.autoencoder.factor} (2 ** (len(ch_mult) - 1)); the trimap branch "
-                "maps the image to the latent, so set unet.hint_factor to f")
+        """Why a trimap branch cannot run with these networks (None when it can)."""
+        if self.unet.hint_factor != self.autoencoder.factor:
+            return (f"unet.hint_factor {self.unet.hint_factor} differs from the autoencoder's "
+                    f"factor f = {self.autoencoder.factor}: set it to f (the trimap branch maps "
+                    "the image to the latent)")
 
     @property
     def size_multiple(self) -> int:

@@ -3,8 +3,7 @@ embedder zeta and the trimap encoder eps_tri, built as ControlNet (Zhang et al. 
 Conditional Control to Text-to-Image Diffusion Models").
 
 zeta (`input_hint_block`) maps the trimap (B, 3, fh, fw) to (B, model_channels, h, w) with
-3x3 convs and SiLU and a zero-initialised last conv; f is the autoencoder's factor (8 in every
-public ControlNet; 4 for an f4 autoencoder such as LDM's VQ-f4, `UNetConfig.hint_factor`). eps_tri is a trainable copy of the UNet's
+3x3 convs and SiLU and a zero-initialised last conv (f: the autoencoder's factor, hint_factor). eps_tri is a trainable copy of the UNet's
 time embedding, input blocks and middle block; zeta's output is added after its first conv, and
 a zero-initialised 1x1 conv after each input block (`zero_convs`) and after the middle block
 (`middle_block_out`) gives the residuals that `UNet.forward(..., control=)` adds to its skip
@@ -12,8 +11,6 @@ connections and middle output. Attribute names equal the keys under `control_mod
 ControlNet / AdaBLDM checkpoints.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
@@ -31,13 +28,11 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 def make_hint_block(hint_channels: int, out_channels: int, factor: int = 8) -> nn.Sequential:
-    """zeta: (conv, SiLU) pairs through HINT_CHANNELS, stride 2 wherever the width grows, then a
-    zero conv to the UNet width. factor = the autoencoder's f: 8 (SD, three growths: every
-    public ControlNet), 4 or 2 stop after two or one growth (diffusers' ControlNetModel with
-    conditioning_embedding_out_channels (16, 32, 96) or (16, 32))."""
-    if factor not in (2, 4, 8):
-        raise ValueError(f"hint_factor must be 2, 4 or 8, got {factor}")
-    widths = HINT_CHANNELS[:1 + 2 * int(math.log2(factor))]
+    """zeta: (conv, SiLU) pairs through HINT_CHANNELS, stride 2 wherever the width grows, log2
+    `factor` times (8 in every public ControlNet; 4 as diffusers' ControlNetModel with
+    conditioning_embedding_out_channels (16, 32, 96)), then a zero conv to the UNet width."""
+    assert factor in (2, 4, 8), f"hint_factor must be 2, 4 or 8, got {factor}"
+    widths = HINT_CHANNELS[:2 * factor.bit_length() - 1]  # conv_in, then 2 per stride-2 stage
     layers, ch = [nn.Conv2d(hint_channels, widths[0], 3, padding=1), nn.SiLU()], widths[0]
     for out in widths[1:]:
         layers += [nn.Conv2d(ch, out, 3, padding=1, stride=2 if out != ch else 1), nn.SiLU()]
