@@ -199,7 +199,11 @@ def test_evaluate_refuses_a_resume_file_of_other_settings(straight_evaluate, cap
     shutil.rmtree(out, ignore_errors=True)
     assert run(EVALUATE, evaluate_args(category, out), (DETECTOR, "loss", 5, False)) == -9
     before = files(out)
-    assert run(EVALUATE, evaluate_args(category, out, lr=1e-3), expect=(2,)) == 2
+    r = subprocess.run([sys.executable, "-m", "minibldm.evaluate",
+                        *map(str, evaluate_args(category, out, lr=1e-3))], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "result.resume.safetensors" in r.stderr and "another lr (0.002)" in r.stderr, r.stderr
     assert files(out) == before  # the resume file is kept for the run that wrote it
 
 

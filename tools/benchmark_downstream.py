@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -54,6 +53,7 @@ from pathlib import Path
 import torch
 
 from minibldm.commands.data import make_split, read_category
+from minibldm.eval.common import machine
 from minibldm.eval.evaluate import GENERATED  # the methods that read the generated images
 from minibldm.io import write_text_atomic
 
@@ -350,8 +350,7 @@ def main(argv=None) -> int:
                             capture_output=True, text=True).stdout.strip() or "unknown"
     with open(log, "a") as f:  # which code, where and when, for every call
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M')} minibldm {commit}, "
-                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores: "
-                f"{' '.join(sys.argv)}\n")
+                f"{machine(args.device)}, {os.cpu_count()} cores: {' '.join(sys.argv)}\n")
     start, per_seed, quality, walls = time.time(), {}, {}, {}
     for seed in seeds:
         t0 = time.time()
@@ -367,7 +366,7 @@ def main(argv=None) -> int:
             "detector_steps": args.detector_steps or s["detector"],
             "init": None if args.init == "none" else str(Path(args.init)), "steps": s,
             "data": str(Path(args.data).resolve()),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "machine": f"{machine(args.device)}, {os.cpu_count()} cores",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "wall_s": round(time.time() - start), "wall_s_this_call": walls,
             "commands_this_call": TIMES}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import platform
 import sys
 import time
 import warnings
@@ -188,6 +189,21 @@ def table(head: list[str], rows: list[list[str]]) -> str:
     """A markdown table of the given cells."""
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                      + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def machine(device: str = "cpu") -> str:
+    """The processor a result was computed on, with the instruction set torch dispatches to:
+    CPUs of one model but other vector units (AVX2, AVX-512) round differently in the last
+    bits, and a detector's 4,000 steps grow those bits into other numbers (docs/RESULTS.md)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def run_command(prog: str, argv: list[str] | None, parse_args: Callable, compute: Callable,

@@ -34,7 +34,8 @@ the argument, exit status 2, nothing written.
 Resuming: with --out, the detector's training is saved every --checkpoint-every steps to
 RESULT.resume.safetensors, and the same command run again after a kill resumes from it and
 writes the same bytes as an uninterrupted run; the file is removed once RESULT.json is written.
-A resume file left by other settings is refused (delete it to start over).
+A resume file left by other settings, or on another kind of processor (the result's
+settings.machine), is refused: delete it to start over.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ import numpy as np
 import torch
 
 from . import baselines, detector, metrics
-from .common import (check_args, check_generated, data_errors_as, read_data, run_command,
-                     split_pairs, table)
+from .common import (check_args, check_generated, data_errors_as, machine, read_data,
+                     run_command, split_pairs, table)
 from ..cli import Parser, UsageError, add_max_pixels, default_device
 from ..commands.data import Category, DecodedImages, PairDataset
 from ..io import TEMPORARY
@@ -226,7 +227,13 @@ def checkpoint(args, settings: dict) -> detector.Checkpoint | None:
         raise UsageError(f"{path}: not a readable resume file ({type(e).__name__}); delete it "
                          "to start over") from None
     if stored is not None and stored != key:
-        raise UsageError(f"{path}: left by an evaluate run with other settings; delete it to "
+        try:
+            other = json.loads(stored)
+        except ValueError:
+            other = {}
+        changed = sorted(k for k in settings if other.get(k) != settings[k]) or ["settings"]
+        raise UsageError(f"{path}: left by an evaluate run with another {', '.join(changed)} "
+                         f"({', '.join(str(other.get(k)) for k in changed)}); delete it to "
                          "start this run from step 0")
     return ckpt
 
@@ -261,6 +268,12 @@ def train_and_score(args, batches, test_images: dict, test_masks: dict, good_ima
 def evaluate(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     """Read the input, train the detector on the method's data, score it; returns the result."""
     category, split, tests, generated = read_inputs(args)
+    settings = {"method": args.method, "data": str(args.data), "generated": args.generated,
+                "split": args.split, "k": args.k, "seed": args.seed, "split_seed": args.split_seed,
+                "steps": args.detector_steps, "size": args.size, "batch_size": args.batch_size,
+                "lr": args.lr, "texture": category.texture, "device": args.device,
+                "torch": torch.__version__, "machine": machine(args.device)}
+    ckpt = checkpoint(args, settings)  # resumed only with these settings, on this kind of machine
     decoded = DecodedImages(category, args.size, None, capacity=10 ** 6)
     test_images, test_masks, good_images = decode_all(category, split, tests, decoded)
     with data_errors_as("--generated" if generated else "--data"):
@@ -273,12 +286,6 @@ def evaluate(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> d
         f"{len(category.test_good)} good images")
     for t in sorted(set(category.defects) - set(tests)):
         log(f"note: {t} has {n_train[t]} images, no more than k={args.k}: none left for testing")
-    settings = {"method": args.method, "data": str(args.data), "generated": args.generated,
-                "split": args.split, "k": args.k, "seed": args.seed, "split_seed": args.split_seed,
-                "steps": args.detector_steps, "size": args.size, "batch_size": args.batch_size,
-                "lr": args.lr, "texture": category.texture, "device": args.device,
-                "torch": torch.__version__}
-    ckpt = checkpoint(args, settings)
     with data_errors_as("--data"):  # a defect that fits no foreground, a missing foreground mask
         losses, per_type = train_and_score(args, make_batches(args, category, decoded, source),
                                            test_images, test_masks, good_images, log, ckpt)
