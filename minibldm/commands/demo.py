@@ -49,14 +49,19 @@ def main(weights: Path = sample.DEFAULT_WEIGHTS) -> int:
     return run(weights)
 
 
+def write_inputs(folder: Path) -> None:
+    """The demo's good images, masks and foregrounds: a synth dataset the model never saw."""
+    write_dataset(folder, per_class=2, seed=INPUT_SEED, size=128, test_good=0, test_per_defect=4,
+                  categories=list(DEMO_DEFECTS), log=None)
+
+
 def run(weights: Path, out: Path = OUT, log=sys.stderr) -> int:
     """Write the demo inputs, sample once per category, and gather the manifests and previews.
     Returns 0, or the first failing run's status."""
     t0 = time.perf_counter()
     print(f"minibldm demo: the tiny model in {weights} on synthetic inputs; writing {out}/",
           file=log, flush=True)
-    write_dataset(out / "inputs", per_class=2, seed=INPUT_SEED, size=128, test_good=0,
-                  test_per_defect=4, categories=list(DEMO_DEFECTS), log=None)
+    write_inputs(out / "inputs")
     rows, previews = [], []
     for category, defect in DEMO_DEFECTS.items():
         argv = sample_args(weights, out, category, defect)
