@@ -2,12 +2,12 @@
 embedder zeta and the trimap encoder eps_tri, built as ControlNet (Zhang et al. 2023, "Adding
 Conditional Control to Text-to-Image Diffusion Models").
 
-zeta (`input_hint_block`) maps the trimap (B, 3, fh, fw) to (B, model_channels, h, w) with
-3x3 convs and SiLU and a zero-initialised last conv (f: the autoencoder's factor, hint_factor). eps_tri is a trainable copy of the UNet's
-time embedding, input blocks and middle block; zeta's output is added after its first conv, and
-a zero-initialised 1x1 conv after each input block (`zero_convs`) and after the middle block
-(`middle_block_out`) gives the residuals that `UNet.forward(..., control=)` adds to its skip
-connections and middle output. Attribute names equal the keys under `control_model.` in
+zeta (`input_hint_block`) maps the trimap (B, 3, fh, fw) to (B, model_channels, h, w), f the
+autoencoder's factor (hint_factor), with 3x3 convs and SiLU and a zero-initialised last conv.
+eps_tri is a trainable copy of the UNet's time embedding, input blocks and middle block; zeta's
+output is added after its first conv, and a zero-initialised 1x1 conv after each input block
+(`zero_convs`) and after the middle block (`middle_block_out`) gives the residuals that
+`UNet.forward(..., control=)` adds to its skip connections and middle output. Attribute names equal the keys under `control_model.` in
 ControlNet / AdaBLDM checkpoints.
 """
 from __future__ import annotations
@@ -68,8 +68,8 @@ class ControlNet(nn.Module):
     def forward(self, x: torch.Tensor, hint: torch.Tensor, t: torch.Tensor,
                 context: torch.Tensor) -> list[torch.Tensor]:
         """The residuals r of METHOD.md (3), one per UNet skip connection and one for the middle.
-        x: (B, C, h, w) noisy latent; hint: (B, 3, fh, fw) trimap in [0, 1] (f = cfg.hint_factor); t: (B,) or ();
-        context: (B, T, context_dim) (AdaBLDM feeds the empty prompt's embedding here)."""
+        x: (B, C, h, w) noisy latent; hint: (B, 3, fh, fw) trimap in [0, 1], f = hint_factor;
+        t: (B,) or (); context: (B, T, context_dim) (AdaBLDM feeds the empty prompt's embedding here)."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).type(x.dtype))
         h = self.input_blocks[0](x, emb, context) + self.input_hint_block(hint)

@@ -6,6 +6,7 @@ The runtime reads only safetensors; pickled `.ckpt` files are read by the conver
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -116,11 +117,16 @@ def atomic_path(path: str | Path):
 TEMPORARY = re.compile(r".+\.(png|jpg|npy|json|jsonl|safetensors|csv|txt)[a-z0-9_]{8}\.tmp")
 
 
-def remove_temporaries(folders) -> None:
+def remove_temporaries(folders, targets: tuple[str, ...] = ()) -> None:
     """Remove the temporary files atomic_path leaves in `folders` (and below) when a kill -9
-    stops its process in the middle of a write. Call it only where no other process is writing."""
-    for folder in folders:
-        for p in Path(folder).rglob("*.tmp") if Path(folder).is_dir() else ():
+    stops its process in the middle of a write; with `targets` (file names), only those files'
+    temporaries, in the folders themselves. Call it only where no other process writes them."""
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        found = ([p for t in targets for p in folder.glob(glob.escape(t) + "*.tmp")] if targets
+                 else folder.rglob("*.tmp"))
+        for p in found:
             if TEMPORARY.fullmatch(p.name) and p.is_file():
                 p.unlink(missing_ok=True)
 

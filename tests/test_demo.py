@@ -63,7 +63,7 @@ def test_demo_runs_from_nothing(tmp_path):
 
     # a fresh run elsewhere starts from the same inputs, byte for byte; that the same inputs
     # and seed give the same output bytes in another folder is test_sample.py's
-    # test_same_seed_same_bytes_and_shards_equal_one_run (a second whole demo here cost CI ~2 min)
+    # test_same_seed_same_bytes_and_shards_equal_one_run (a second whole demo here cost CI about 3 min)
     write_inputs(tmp_path / "again")
     again = {p.relative_to(tmp_path / "again"): p.read_bytes()
              for p in sorted((tmp_path / "again").rglob("*.png"))}

@@ -8,8 +8,6 @@ a CompVis-layout state dict's shapes.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..config import AutoencoderConfig, TextConfig, UNetConfig
@@ -129,7 +127,7 @@ def _unet_prefixes(cfg: UNetConfig, control: bool) -> list[tuple[str, str, tuple
               ("middle_block.2.", "mid_block.resnets.1.", _RESBLOCK)]
     if control:
         pairs += [(f"zero_convs.{i}.0.", f"controlnet_down_blocks.{i}.", ()) for i in range(k)]
-        blocks = 2 * int(math.log2(cfg.hint_factor))  # convs between conv_in and conv_out
+        blocks = 2 * (cfg.hint_factor.bit_length() - 1)  # convs between conv_in and conv_out
         pairs += [("middle_block_out.0.", "controlnet_mid_block.", ()),
                   ("input_hint_block.0.", "controlnet_cond_embedding.conv_in.", ()),
                   (f"input_hint_block.{2 * blocks + 2}.", "controlnet_cond_embedding.conv_out.",

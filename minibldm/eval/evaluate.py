@@ -52,7 +52,7 @@ from .common import (check_args, check_generated, data_errors_as, machine, read_
                      run_command, split_pairs, table)
 from ..cli import Parser, UsageError, add_max_pixels, default_device
 from ..commands.data import Category, DecodedImages, PairDataset
-from ..io import TEMPORARY
+from ..io import remove_temporaries
 
 METHODS = ("minibldm", "minibldm+real", "crop-paste", "perlin", "real-only")
 GENERATED = ("minibldm", "minibldm+real")  # the methods that read --generated
@@ -213,12 +213,12 @@ def checkpoint(args, settings: dict) -> detector.Checkpoint | None:
     --checkpoint-every 0). Refuses one written with other settings; removes the temporary
     files a kill may have left beside the result."""
     path = resume_file(args)
-    if path is None or args.checkpoint_every == 0:
+    if path is None:
         return None
-    names = (path.name, Path(args.out).name, Path(args.out).with_suffix(".md").name)
-    for tmp in path.parent.glob("*.tmp"):  # only this run's: others may write in the folder
-        if TEMPORARY.fullmatch(tmp.name) and tmp.name.startswith(names):
-            tmp.unlink(missing_ok=True)
+    out = Path(args.out)  # only this run's temporaries: others may write in the folder
+    remove_temporaries([out.parent], (path.name, out.name, out.with_suffix(".md").name))
+    if args.checkpoint_every == 0:
+        return None
     key = json.dumps(settings, sort_keys=True)
     ckpt = detector.Checkpoint(path, key, args.checkpoint_every)
     try:
