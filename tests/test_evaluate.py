@@ -16,7 +16,8 @@ from minibldm.commands.data import (DecodedImages, PairDataset, load_or_make_spl
                                     read_category)
 from minibldm.commands.synth import image_rng, make_defect, make_good, write_dataset
 from minibldm.eval import baselines, metrics
-from minibldm.eval.evaluate import METRICS, defect_source, main
+from minibldm.eval.common import read_data
+from minibldm.eval.evaluate import METRICS, defect_source, main, make_batches, parse_args
 
 K = 2
 FAST = ["--k", str(K), "--detector-steps", "3", "--size", "64", "--batch-size", "4"]
@@ -243,6 +244,25 @@ def test_real_only_augmentation_keeps_image_and_mask_aligned(data):
                    for items in source.items.values() for x, y in items)
 
 
+def test_crop_windows_hold_a_defect_and_stay_aligned():
+    g = torch.Generator().manual_seed(0)
+    image = torch.arange(3 * 64 * 64, dtype=torch.float32).reshape(3, 64, 64)
+    corners = set()
+    for n in range(40):
+        mask = torch.zeros(64, 64)
+        if n % 2:  # a small defect somewhere, on the border for some n
+            y, x = torch.randint(64, (2,), generator=g).tolist()
+            mask[y:y + 3, x:x + 2] = 1
+        window, m = baselines.crop(image, mask, 24, g)
+        assert window.shape == (3, 24, 24) and m.shape == (24, 24)
+        y0, x0 = divmod(int(window[0, 0, 0]), 64)  # where the window is, read off the image
+        assert torch.equal(window, image[:, y0:y0 + 24, x0:x0 + 24])
+        assert torch.equal(m, mask[y0:y0 + 24, x0:x0 + 24])
+        assert m.sum() > 0 or mask.sum() == 0
+        corners.add((y0, x0))
+    assert len(corners) > 30  # windows are drawn at random, not from a few places
+
+
 # ---- the command ----------------------------------------------------------------------------
 
 def run(*args):
@@ -326,7 +346,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, data):
              (["--data", data, "--method", "minibldm"], "--generated"),
              (["--data", data, "--method", "minibldm", "--generated", tmp_path / "empty"],
               "--generated"),
-             (["--data", data, "--method", "perlin", "--size", "60"], "--size")]
+             (["--data", data, "--method", "perlin", "--size", "60"], "--size"),
+             (["--data", data, "--method", "perlin", "--crop", "36"], "--crop"),
+             (["--data", data, "--method", "perlin", "--size", "64", "--crop", "72"], "--crop")]
     for args, name in cases:
         r = run(*args, "--k", K, "--out", tmp_path / "r.json")
         assert r.code == 2, args
@@ -349,6 +371,21 @@ def test_end_to_end_is_deterministic(tmp_path, data):
     for m in list(res["per_type"].values()) + [res["mean"]]:
         assert all(0 <= m[k] <= 1 for k in METRICS)
     assert res["per_type"] == results[1]["per_type"] and res["mean"] == results[1]["mean"]
+
+
+def test_training_batches_are_windows_and_the_defect_ones_hold_defects(tmp_path, data):
+    args = parse_args(["--data", str(data), "--method", "crop-paste", *FAST, "--crop", "32"])
+    category, split = read_data(args)
+    decoded = DecodedImages(category, 64, None, 100)
+    batch = make_batches(args, category, decoded, defect_source(args, category, split, decoded, {}))
+    for step in range(3):
+        images, masks = batch(step)
+        assert images.shape == (4, 3, 32, 32) and masks.shape == (4, 1, 32, 32)
+        assert masks[:2].sum() == 0 and all(m.sum() > 0 for m in masks[2:])
+    r = run("--data", data, "--method", "real-only", *FAST, "--crop", "32",
+            "--out", tmp_path / "r.json")
+    assert r.code == 0, r.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["crop"] == 32
 
 
 def test_minibldm_method_reads_a_generated_folder(tmp_path, data):

@@ -96,8 +96,8 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
-    for method in args.methods:
-        for length in args.lengths:
+    for length in args.lengths:  # the short runs of every method first
+        for method in args.methods:
             out = work / f"{method}_{length}.json"
             if not out.is_file():
                 cmd = [sys.executable, "-m", "minibldm.evaluate", "--data", args.data,
@@ -122,9 +122,12 @@ def main(argv=None) -> int:
                         + f" | {r.get('wall_seconds', float('nan')):.0f} |")
     verdict = (f"The rule chooses {length} steps" + ("" if converged else
                " (the longest: no length met the rule, so the detector is not converged)"))
+    s = results[args.methods[0]][args.lengths[0]].get("settings", {})
+    batches = (f", batches of {s['batch_size']} windows of {s.get('crop', args.size)} px"
+               if "batch_size" in s else "")
     (work / "lengths.md").write_text(
         f"Detector at several lengths on {Path(args.data).name}, split k = 10 of seed "
-        f"{args.seed}, {args.size} px; metrics in %, mean over defect types.\n\n"
+        f"{args.seed}, {args.size} px{batches}; metrics in %, mean over defect types.\n\n"
         + "\n".join(rows) + f"\n\n{verdict}.\n")
     draw(results, work / "losses.png")
     print((work / "lengths.md").read_text())

@@ -30,6 +30,22 @@ def flip_rotate(tensors: list[Tensor], generator: torch.Generator) -> list[Tenso
     return [torch.rot90(t.flip(-1) if flip else t, turns, (-2, -1)) for t in tensors]
 
 
+def crop(image: Tensor, mask: Tensor, size: int,
+         generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A size x size window of a (C, S, S) image and its (S, S) mask. When the mask marks a
+    defect, the window holds one of its pixels drawn at random, at a random place in the window
+    (the window kept inside the image); otherwise the window is anywhere."""
+    S = image.shape[-1]
+    pixels = mask.flatten().nonzero()[:, 0]
+    if len(pixels):
+        y, x = divmod(pixels[torch.randint(len(pixels), (1,), generator=generator)].item(), S)
+        dy, dx = torch.randint(size, (2,), generator=generator).tolist()
+        y0, x0 = (min(max(c - d, 0), S - size) for c, d in ((y, dy), (x, dx)))
+    else:
+        y0, x0 = torch.randint(S - size + 1, (2,), generator=generator).tolist()
+    return image[:, y0:y0 + size, x0:x0 + size], mask[y0:y0 + size, x0:x0 + size]
+
+
 def signed(image: Tensor) -> Tensor:
     """uint8 -> float in [-1, 1]."""
     return image.float() / 127.5 - 1

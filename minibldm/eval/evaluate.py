@@ -2,8 +2,9 @@
 
 The same small U-Net (minibldm/eval/detector.py) is trained from scratch for every method, for
 --steps Adam steps on batches of half good training images (empty masks) and half the method's
-defect images, each flipped and turned at random, at --size; then it is scored on the held-out
-real defects. The same arguments give the same numbers on CPU.
+defect images, each flipped and turned at random, at --size, and cut to a --crop window (one
+that holds defect pixels when the image has any); then it scores the held-out real defects
+as whole images. The same arguments give the same numbers on one kind of CPU.
 
 Methods (training defects; minibldm/eval/baselines.py):
   real-only      the k real defects per type as they are
@@ -59,6 +60,7 @@ GENERATED = ("minibldm", "minibldm+real")  # the methods that read --generated
 METRICS = ("pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_f1_max", "pixel_iou", "image_auroc",
            "image_ap")
 PROG = "python -m minibldm.evaluate"
+CROP = 64  # --crop's default
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -77,10 +79,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "detector's seed only (default the split's)")
     add("--split", metavar="FILE", help="a training run's split.json (its k and seed are used)")
     add("--detector-steps", type=int, default=4000, metavar="N", help="detector training steps "
-        "(default 4000: the longest tools/detector_lengths.py tried; about 25 min at 128 px on 2 "
+        "(default 4000: the longest tools/detector_lengths.py tries; 28-37 min at 128 px on 2 "
         "CPU cores)")
     add("--size", type=int, default=128, metavar="S", help="image side, a multiple of 8 (128)")
-    add("--batch-size", type=int, default=8, metavar="B", help="half good, half defects (8)")
+    add("--crop", type=int, metavar="C", help="train on C x C windows of the --size images, "
+        "each defect window holding defect pixels; the detector still scores whole images "
+        f"(default {CROP}, or --size when smaller; 0: whole images, as before 2026-12-03)")
+    add("--batch-size", type=int, default=16, metavar="B", help="half good, half defects (16)")
     add("--lr", type=float, default=2e-3, help="Adam learning rate (2e-3)")
     add("--texture", action="store_true", help="a surface: the foreground is the whole image")
     add_max_pixels(add)
@@ -92,7 +97,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "resumes after a kill (default 200; 0: never)")
     args = p.parse_args(argv)
     check_args(args, {"k": 1, "seed": 0, "detector_steps": 1, "size": 16, "batch_size": 2,
-                      "checkpoint_every": 0})
+                      "crop": 0, "checkpoint_every": 0})
     if args.method in GENERATED and not args.generated:
         raise UsageError(f"--generated DIR is required with --method {args.method}")
     if args.generated and args.method not in GENERATED:
@@ -101,6 +106,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.size % 8:
         raise UsageError(f"--size {args.size}: must be a multiple of 8 (the detector halves it "
                          "3 times)")
+    args.crop = min(CROP, args.size) if args.crop is None else args.crop or args.size
+    if args.crop % 8 or args.crop > args.size:
+        raise UsageError(f"--crop {args.crop}: must be a multiple of 8 and at most --size "
+                         f"({args.size}), or 0 for whole images")
     if not args.lr > 0:
         raise UsageError(f"--lr must be positive (got {args.lr})")
     return args
@@ -138,6 +147,9 @@ def make_batches(args, category: Category, decoded: DecodedImages, source):
                 image, mask = source(step * half + j - (args.batch_size - half))
             g = baselines.stream(args.seed, "aug", i)
             image, mask = baselines.flip_rotate([image, mask], g)
+            if args.crop < args.size:
+                g = baselines.stream(args.seed, "crop", i)
+                image, mask = baselines.crop(image, mask, args.crop, g)
             images.append(image)
             masks.append(mask[None])
         return torch.stack(images), torch.stack(masks)
@@ -270,7 +282,8 @@ def evaluate(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> d
     category, split, tests, generated = read_inputs(args)
     settings = {"method": args.method, "data": str(args.data), "generated": args.generated,
                 "split": args.split, "k": args.k, "seed": args.seed, "split_seed": args.split_seed,
-                "steps": args.detector_steps, "size": args.size, "batch_size": args.batch_size,
+                "steps": args.detector_steps, "size": args.size, "crop": args.crop,
+                "batch_size": args.batch_size,
                 "lr": args.lr, "texture": category.texture, "device": args.device,
                 "torch": torch.__version__, "machine": machine(args.device)}
     ckpt = checkpoint(args, settings)  # resumed only with these settings, on this kind of machine
