@@ -23,7 +23,9 @@ For each seed, on one real category (default ../shared/data/magnetic_tile, a sur
   3. `python -m minibldm.evaluate` for every method (real-only, crop-paste, perlin, minibldm,
      and minibldm+real: the generated and the real training defects together) with the run's
      split.json, so every detector sees the same real training images, each detector trained for
-     the length tools/detector_lengths.py chose (DETECTOR_STEPS);
+     the length tools/detector_lengths.py chose (DETECTOR_STEPS) on batches of 16 windows of
+     64 px (protocol 3, 2026-12-03; results in eval_Nsteps_window64: protocol 2's whole-image
+     detector wrote eval_Nsteps);
   4. `python -m minibldm.genquality` on the generated images.
 Then the mean ± std over seeds goes to WORK/MODE/summary.json and summary.md (the table for
 docs/RESULTS.md): the spread covers the split, the generator's training, generation and the
@@ -62,6 +64,8 @@ METHODS = ("real-only", "crop-paste", "perlin", "minibldm", "minibldm+real")  # 
 # The detector's training length, chosen by tools/detector_lengths.py's rule from the training
 # losses of real-only and crop-paste on seed 0 (docs/RESULTS.md), never from test metrics.
 DETECTOR_STEPS = 4000
+CROP = 64  # protocol 3's detector trains on batches of 16 windows of CROP px (docs/RESULTS.md)
+DETECTOR = ["--crop", CROP, "--batch-size", 16]
 # steps of each stage: autoencoder, text + UNet, trimap branch; detector steps; images per type.
 # Full mode fine-tunes the pretrained tiny model (--init), as AdaBLDM fine-tunes SD 1.5.
 STEPS = {"full": dict(ae=300, text=1200, control=1200, detector=DETECTOR_STEPS, n=200),
@@ -161,7 +165,7 @@ def evaluate(data: Path, split_file: Path, generated: list, out: Path, steps: in
             extra = ["--generated", *generated] if method in GENERATED else []
             run([sys.executable, "-m", "minibldm.evaluate", "--data", data, "--texture",
                  "--method", method, "--split", split_file, "--seed", seed, "--detector-steps", steps,
-                 "--device", device, "--out", result, *extra], log)
+                 *DETECTOR, "--device", device, "--out", result, *extra], log)
         results[label] = json.loads(result.read_text())
     return results
 
@@ -215,7 +219,7 @@ def parse_args(argv) -> argparse.Namespace:
                    help="bulk (default): sample --bulk, no decoder adaptation; full: the paper's "
                    "whole method (about 15x slower); tagged _full")
     p.add_argument("--detector-steps", type=int, metavar="N", help="detector training steps "
-                   f"(default {DETECTOR_STEPS}, --quick 100); results go to eval_Nsteps")
+                   f"(default {DETECTOR_STEPS}, --quick 100); results go to eval_Nsteps_window64")
     p.add_argument("--n", type=int, metavar="N", help="images per defect type (default 200, "
                    "--quick 2); another number is tagged _nN")
     p.add_argument("--defect-weight", type=float, default=DEFECT_WEIGHT, metavar="W",
@@ -274,7 +278,7 @@ def run_seed(args, seed: int, work: Path, s: dict, log: Path) -> tuple[dict, dic
     sw = work / f"seed{seed}"
     sw.mkdir(exist_ok=True)
     steps = args.detector_steps or s["detector"]
-    out = sw / f"eval_{steps}steps"
+    out = sw / f"eval_{steps}steps_window{CROP}"
     split_file, gq = sw / "split.json", sw / f"genquality{tag}.json"
     needs_generator = [label for label, m in methods.items()
                        if m in GENERATED and not (out / f"{label}.json").is_file()]
