@@ -185,7 +185,8 @@ def markdown(result: dict) -> str:
                 + [f"**{100 * result['mean'][k]:.1f}**" for k in METRICS])
     s = result["settings"]
     return (f"{s['method']} on {Path(s['data']).name}: k={s['k']}, seed={s['seed']}, "
-            f"{s['steps']} steps at {s['size']} px, {result['test_good']} good test images\n\n"
+            f"{s['steps']} steps at {s['size']} px (windows of {s.get('crop', s['size'])}), "
+            f"{result['test_good']} good test images\n\n"
             + table(head, rows))
 
 
