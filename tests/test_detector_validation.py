@@ -34,3 +34,5 @@ def test_validation_never_reads_the_test_set(tmp_path, monkeypatch):
     assert result["split"]["train"] == {t: 2 for t in category.defects}
     assert result["split"]["test"] == {t: 2 for t in category.defects}
     assert result["test_good"] == len(category.good) // 4
+    from minibldm.eval import common, evaluate
+    assert evaluate.read_data is common.read_data  # the patch is undone

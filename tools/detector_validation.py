@@ -41,8 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         print("detector_validation: --split FILE is required (the training split to divide)",
               file=sys.stderr)
         return 2
-    evaluate.read_data = validation_data(evaluate.read_data)
-    return evaluate.main(argv + ["--checkpoint-every", "0"])
+    read_data = evaluate.read_data
+    evaluate.read_data = validation_data(read_data)
+    try:
+        return evaluate.main(argv + ["--checkpoint-every", "0"])
+    finally:  # the module is left as it was (tests call main in-process)
+        evaluate.read_data = read_data
 
 
 if __name__ == "__main__":
