@@ -2,18 +2,21 @@
 """The downstream detector scored on a validation set built from the training split alone, for
 choosing the detector's design without looking at the test set (docs/RESULTS.md, 2026-12-03).
 
-    python tools/detector_validation.py --split SPLIT.json --out RESULT.json [evaluate options]
+    python tools/detector_validation.py --data DIR [--split SPLIT.json] --out RESULT.json \
+        [evaluate options]
 
 Per defect type, the first half of the split's training defects (sorted by name; 5 of k = 10)
 train and the other half are scored; 100 good training images (a fixed draw, at most a quarter)
-take the place of test/good and are left out of training. Everything else is `python -m minibldm.evaluate` with the options
-given (e.g. --method crop-paste --crop 0 --batch-size 8 --detector-steps 1000): the test
-defects and test/good are never read.
+take the place of test/good and are left out of training. Everything else is `python -m
+minibldm.evaluate` with the options given (e.g. --method crop-paste --crop 0 --batch-size 8
+--detector-steps 1000; without --split, the split of --seed): the test defects and test/good
+are never read.
 """
 from __future__ import annotations
 
 import random
 import sys
+from unittest import mock
 
 from minibldm.eval import evaluate
 
@@ -37,17 +40,8 @@ def validation_data(read_data):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--split" not in argv:
-        print("detector_validation: --split FILE is required (the training split to divide)",
-              file=sys.stderr)
-        return 2
-    read_data = evaluate.read_data
-    evaluate.read_data = validation_data(read_data)
-    try:
+    with mock.patch.object(evaluate, "read_data", validation_data(evaluate.read_data)):
         return evaluate.main(argv + ["--checkpoint-every", "0"])
-    finally:  # the module is left as it was (tests call main in-process)
-        evaluate.read_data = read_data
-
 
 if __name__ == "__main__":
     sys.exit(main())
