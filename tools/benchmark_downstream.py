@@ -62,7 +62,8 @@ from minibldm.io import write_text_atomic
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("real-only", "crop-paste", "perlin", "minibldm", "minibldm+real")  # table order
 # The detector's training length, chosen by tools/detector_lengths.py's rule from the training
-# losses of real-only and crop-paste on seed 0 (docs/RESULTS.md), never from test metrics.
+# losses of real-only and crop-paste on seed 0 (docs/RESULTS.md), never from test metrics: for
+# the window detector (2026-12-03) no length up to 4000 met the rule, so the longest, 4000.
 DETECTOR_STEPS = 4000
 CROP = 64  # protocol 3's detector trains on batches of 16 windows of CROP px (docs/RESULTS.md)
 DETECTOR = ["--crop", CROP, "--batch-size", 16]
