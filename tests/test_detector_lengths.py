@@ -44,8 +44,6 @@ def test_command_resumes_and_writes_table_and_curves(tmp_path, monkeypatch):
         result = {"loss_curve": [1.0] * 40 + [final] * 10,
                   "per_type": {"crack": {k: 0.25 for k in keys}, "hole": {k: 0.75 for k in keys}},
                   "mean": {k: 0.5 for k in keys}}
-        if steps > 400:  # results from before evaluate recorded its wall time have none
-            result["wall_seconds"] = 12.0
         Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps(result))
         return 0
     monkeypatch.setattr(lengths.subprocess, "call", fake_call)
@@ -54,9 +52,15 @@ def test_command_resumes_and_writes_table_and_curves(tmp_path, monkeypatch):
     assert len(calls) == 6 and all(c[0] == sys.executable for c in calls)
     text = (tmp_path / "w" / "lengths.md").read_text()
     assert "The rule chooses 1000 steps." in text
-    assert "| real-only | 400 | 1.0000 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | – |" in text
-    assert "| crop-paste | 2000 | 0.5000 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 12 |" in text
+    walls = json.loads((tmp_path / "w" / "wall_seconds.json").read_text())
+    assert sorted(walls) == sorted(f"{m}_{L}" for m in ("real-only", "crop-paste")
+                                   for L in (400, 1000, 2000))
+    assert "| crop-paste | 2000 | 0.5000 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 0 |" in text
     assert "| method | steps | crack | hole |" in text and "| crop-paste | 1000 | 25.0 | 75.0 |" in text
     assert (tmp_path / "w" / "losses.png").stat().st_size > 0
     assert lengths.main(argv) == 0 and len(calls) == 6  # every run is there: nothing runs again
+    (tmp_path / "w" / "wall_seconds.json").unlink()  # results this tool did not time
+    assert lengths.main(argv) == 0 and len(calls) == 6
+    text = (tmp_path / "w" / "lengths.md").read_text()
+    assert "| real-only | 400 | 1.0000 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | – |" in text
     assert lengths.main(argv[:4] + ["--lengths", "400"]) == 2  # one length cannot be compared

@@ -365,8 +365,7 @@ def test_end_to_end_is_deterministic(tmp_path, data):
         assert (tmp_path / f"r{n}.md").read_text() == r.stdout
         results.append(json.loads((tmp_path / f"r{n}.json").read_text()))
     res = results[0]
-    assert set(res) >= {"settings", "per_type", "mean", "split", "test_good", "wall_seconds"}
-    assert 0 < res["wall_seconds"] < 600
+    assert set(res) >= {"settings", "per_type", "mean", "split", "test_good"}
     assert set(res["per_type"]) == {"crack", "scratch", "spot"}
     assert res["split"]["train"] == {"crack": K, "scratch": K, "spot": K}
     for m in list(res["per_type"].values()) + [res["mean"]]:

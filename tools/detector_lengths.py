@@ -8,7 +8,7 @@ training losses alone, by a rule fixed before any run (never from the test metri
 
 Each (method, length) is one `python -m minibldm.evaluate` run (its own cosine schedule, the
 split k = 10 of --seed), written to WORK/METHOD_L.json and skipped when it exists, so the
-command resumes. Then WORK/lengths.md gets the test metrics of every run and the rule's choice,
+command resumes; its wall time goes to WORK/wall_seconds.json. Then WORK/lengths.md gets the test metrics of every run and the rule's choice,
 and WORK/losses.png the loss curves (one panel per method, one line per length).
 
 The rule (docs/RESULTS.md, fixed on 2026-12-02 before the first run): the final loss of a run
@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
+    walls_file = work / "wall_seconds.json"  # this tool's timing of each run it made
+    walls = json.loads(walls_file.read_text()) if walls_file.is_file() else {}
     for length in args.lengths:  # the short runs of every method first
         for method in args.methods:
             out = work / f"{method}_{length}.json"
@@ -108,7 +110,9 @@ def main(argv=None) -> int:
                 if subprocess.call(cmd, stdout=subprocess.DEVNULL):
                     print(f"detector_lengths: {method} at {length} steps failed", file=sys.stderr)
                     return 1
-                print(f"  {time.time() - t0:.0f} s", flush=True)
+                walls[out.stem] = round(time.time() - t0, 1)
+                walls_file.write_text(json.dumps(walls, indent=1) + "\n")
+                print(f"  {walls[out.stem]:.0f} s", flush=True)
             results[method][length] = json.loads(out.read_text())
     finals = {m: {L: final_loss(r) for L, r in runs.items()} for m, runs in results.items()}
     length, converged = choose(finals, args.lengths)
@@ -119,7 +123,8 @@ def main(argv=None) -> int:
         for L, r in sorted(runs.items()):
             rows.append(f"| {method} | {L} | {finals[method][L]:.4f} | "
                         + " | ".join(f"{100 * r['mean'][k]:.1f}" for k in keys)
-                        + (f" | {r['wall_seconds']:.0f} |" if "wall_seconds" in r else " | – |"))
+                        + (f" | {walls[f'{method}_{L}']:.0f} |" if f"{method}_{L}" in walls
+                           else " | – |"))
     types = sorted(next(iter(results[args.methods[0]].values()))["per_type"])
     per_type = ["| method | steps | " + " | ".join(types) + " |", "|" + "---|" * (len(types) + 2)]
     for method, runs in results.items():
@@ -135,8 +140,8 @@ def main(argv=None) -> int:
         f"Detector at several lengths on {Path(args.data).name}, split k = 10 of seed "
         f"{args.seed}, {args.size} px{batches}; metrics in %, mean over defect types.\n\n"
         + "\n".join(rows) + f"\n\n{verdict}. Final loss: the mean training loss over the last "
-        "fifth of the run. Wall: evaluate's own time, training and scoring (– where the result "
-        "predates its recording).\n\nPixel AP per defect type (%):\n\n" + "\n".join(per_type) + "\n")
+        "fifth of the run. Wall: the whole evaluate command, as this tool timed it "
+        "(wall_seconds.json; – for a run it did not make).\n\nPixel AP per defect type (%):\n\n" + "\n".join(per_type) + "\n")
     draw(results, work / "losses.png")
     print((work / "lengths.md").read_text())
     return 0

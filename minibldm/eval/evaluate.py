@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -280,9 +279,7 @@ def train_and_score(args, batches, test_images: dict, test_masks: dict, good_ima
 
 
 def evaluate(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
-    """Read the input, train the detector on the method's data, score it; returns the result
-    (its wall_seconds: this call's, so a resumed run counts only the part after the resume)."""
-    start = time.time()
+    """Read the input, train the detector on the method's data, score it; returns the result."""
     category, split, tests, generated = read_inputs(args)
     settings = {"method": args.method, "data": str(args.data), "generated": args.generated,
                 "split": args.split, "k": args.k, "seed": args.seed, "split_seed": args.split_seed,
@@ -313,8 +310,7 @@ def evaluate(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> d
             "test_good": len(category.test_good),
             "generated": {t: len(p) for t, p in generated.items()},
             "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
-            "loss_curve": detector.loss_curve(losses),
-            "wall_seconds": round(time.time() - start, 1)}
+            "loss_curve": detector.loss_curve(losses)}
 
 
 def finished(args) -> None:
