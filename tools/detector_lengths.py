@@ -8,8 +8,8 @@ training losses alone, by a rule fixed before any run (never from the test metri
 
 Each (method, length) is one `python -m minibldm.evaluate` run (its own cosine schedule, the
 split k = 10 of --seed), written to WORK/METHOD_L.json and skipped when it exists, so the
-command resumes; its wall time goes to WORK/wall_seconds.json. Then WORK/lengths.md gets the test metrics of every run and the rule's choice,
-and WORK/losses.png the loss curves (one panel per method, one line per length).
+command resumes; its wall time goes to WORK/wall_seconds.json. Then WORK/lengths.md gets the
+test metrics of every run and the rule's choice, and WORK/losses.png the loss curves (one panel per method, one line per length).
 
 The rule (docs/RESULTS.md, fixed on 2026-12-02 before the first run): the final loss of a run
 is its mean training loss over the last fifth of its steps. A length L is long enough when the
@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from minibldm.io import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.05  # the rule's "less than 5 %"
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
                     print(f"detector_lengths: {method} at {length} steps failed", file=sys.stderr)
                     return 1
                 walls[out.stem] = round(time.time() - t0, 1)
-                walls_file.write_text(json.dumps(walls, indent=1) + "\n")
+                write_text_atomic(walls_file, json.dumps(walls, indent=1) + "\n")
                 print(f"  {walls[out.stem]:.0f} s", flush=True)
             results[method][length] = json.loads(out.read_text())
     finals = {m: {L: final_loss(r) for L, r in runs.items()} for m, runs in results.items()}
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
         f"{args.seed}, {args.size} px{batches}; metrics in %, mean over defect types.\n\n"
         + "\n".join(rows) + f"\n\n{verdict}. Final loss: the mean training loss over the last "
         "fifth of the run. Wall: the whole evaluate command, as this tool timed it "
-        "(wall_seconds.json; – for a run it did not make).\n\nPixel AP per defect type (%):\n\n" + "\n".join(per_type) + "\n")
+        "(wall_seconds.json; – for a run it did not make).\n\nPixel AP per defect type (%):\n\n"
+        + "\n".join(per_type) + "\n")
     draw(results, work / "losses.png")
     print((work / "lengths.md").read_text())
     return 0
