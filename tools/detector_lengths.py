@@ -9,7 +9,8 @@ training losses alone, by a rule fixed before any run (never from the test metri
 Each (method, length) is one `python -m minibldm.evaluate` run (its own cosine schedule, the
 split k = 10 of --seed), written to WORK/METHOD_L.json and skipped when it exists, so the
 command resumes; its wall time goes to WORK/wall_seconds.json. Then WORK/lengths.md gets the
-test metrics of every run and the rule's choice, and WORK/losses.png the loss curves (one panel per method, one line per length).
+test metrics of every run and the rule's choice, and WORK/losses.png the loss curves (one panel
+per method, one line per length).
 
 The rule (docs/RESULTS.md, fixed on 2026-12-02 before the first run): the final loss of a run
 is its mean training loss over the last fifth of its steps. A length L is long enough when the
